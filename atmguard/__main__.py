@@ -1,0 +1,3 @@
+from atmguard.cli.main import main
+
+raise SystemExit(main())
