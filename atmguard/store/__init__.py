@@ -1,0 +1,1 @@
+"""Evidence storage: the local journal (written first), sealed snapshots, the central server, sync."""
