@@ -1,0 +1,1 @@
+"""The ``atmguard`` command line: the daemon's and the technician's entry point."""

@@ -1,0 +1,18 @@
+"""Where the shared face datasets live on a developer or CI machine (never on an ATM).
+
+They sit next to the repository (``../shared/datasets``) and are read in place: their licences do
+not allow copying them into the repository. ``$ATMGUARD_DATASETS`` points elsewhere.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+
+
+def shared_datasets_dir() -> Path:
+    """The datasets directory: ``$ATMGUARD_DATASETS``, else ``<repo>/../shared/datasets``."""
+    override = os.environ.get("ATMGUARD_DATASETS")
+    return Path(override) if override else REPO_ROOT.parent / "shared" / "datasets"
