@@ -89,10 +89,9 @@ pushed the first model to over-confident flips on unseen sources."""
 WARMUP_EPOCHS = 1
 PEAK_LR = 2e-3
 P_FRAME_CUT = 0.25
-SOURCE_REPEAT = {"fmd_uncovered_rmfd": 2, "k12_covered": 3}
+SOURCE_REPEAT = {"fmd_uncovered_rmfd": 2}
 """Crops seen more than once per round (freshly augmented each time): the 601 RMFD crops are the
-only uncovered faces not from CelebA, and the 353 k12 masks are the smallest real covered source
-and the one with the most validation misses in runs v1 and v2."""
+only uncovered faces not from CelebA."""
 
 # --- worker-side generation (module globals are inherited by the forked workers) --------------------
 
@@ -389,7 +388,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--dataset", type=Path, default=cd.DEFAULT_DATASET)
     parser.add_argument("--out", type=Path, default=cd.DEFAULT_OUT)
-    parser.add_argument("--epochs", type=int, default=40)
+    parser.add_argument("--epochs", type=int, default=36)
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--no-ship", action="store_true", help="leave firmware_models/ untouched")
