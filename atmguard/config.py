@@ -249,6 +249,46 @@ class SyncSettings(_Section):
     exponentially growing cap, never more than this."""
 
 
+class SessionSettings(_Section):
+    """The bank's fraud policy and the customer-facing timeouts of one card session."""
+
+    uncover_timeout_s: Annotated[float, Field(gt=0, le=600)] = 30.0
+    """A face still covered (or no face at all) this long after the prompt: deny, eject, journal
+    an incident with a snapshot. Covering alone never retains the card."""
+    card_take_timeout_s: Annotated[float, Field(gt=0, le=300)] = 30.0
+    """An ejected card not taken within this time is retained (a forgotten card)."""
+    camera_timeout_s: Annotated[float, Field(gt=0, le=2)] = 2.0
+    """No camera frame for this long: the ATM goes out of service until frames come back."""
+    session_timeout_s: Annotated[float, Field(gt=0, le=1800)] = 180.0
+    """Hard limit on one session from card insertion to decision: deny and eject."""
+    retain_hot_listed: bool = True
+    """Retain a hot-listed card (with an evidence snapshot even if the face is covered); false: eject it."""
+    retain_pin_exhausted: bool = True
+    """Retain the card when the server reports the PIN attempts exhausted; false: eject it."""
+    retain_forgotten_card: bool = True
+    """Retain a card left in the slot after `card_take_timeout_s`; false: leave it at the gate."""
+    pause_pin_on_multiple_faces: bool = False
+    """Several faces at the screen during PIN entry always show a warning; true also ignores keys
+    until only one face is left (shoulder surfing)."""
+
+
+class DaemonSettings(_Section):
+    """`atmguard run`: the service process."""
+
+    host_socket_path: str = "/run/atmguard/host.sock"
+    """UNIX socket where the ATM host software reads decisions as JSON lines (empty: none)."""
+    host_socket_mode: Annotated[int, Field(ge=0, le=0o777)] = 0o660
+    """Permissions of the host socket (the host software's user must be in atmguard's group)."""
+    idle_fps: Annotated[float, Field(gt=0, le=60)] = 2.0
+    """Vision rate with nobody in a session; during a session it runs at camera.fps."""
+    tick_interval_s: Annotated[float, Field(ge=0.01, le=1)] = 0.1
+    """How often the controller checks the session's timeouts."""
+    shutdown_timeout_s: Annotated[float, Field(gt=0, le=60)] = 5.0
+    """On SIGTERM, the longest wait for the current card to be ejected before exiting anyway."""
+    purge_interval_s: Annotated[float, Field(gt=0, le=86400)] = 600.0
+    """How often synced journal records past their retention are purged."""
+
+
 class Settings(_Section):
     atm: AtmSettings = AtmSettings()
     paths: PathSettings = PathSettings()
@@ -262,6 +302,8 @@ class Settings(_Section):
     journal: JournalSettings = JournalSettings()
     central: CentralSettings = CentralSettings()
     sync: SyncSettings = SyncSettings()
+    session: SessionSettings = SessionSettings()
+    daemon: DaemonSettings = DaemonSettings()
 
     source: str = Field(default="<defaults>", exclude=True)
     """Where these settings were read from (not a TOML key)."""
