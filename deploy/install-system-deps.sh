@@ -2,11 +2,12 @@
 # Installs the Debian packages atmguard's tests and build need, when any is missing:
 #   mariadb-server  - the tests start their own throwaway MariaDB server (never the system one)
 #   libsystemd-dev, pkg-config - to build systemd-python (sd_notify, watchdog, journald)
+#   systemd, udev, shellcheck - tests verify the unit (systemd-analyze), the udev rule and the install scripts
 # As root it installs them with apt-get; otherwise it prints the exact command and fails, so
 # no group of tests is ever skipped silently for want of a package.
 set -euo pipefail
 
-packages=(mariadb-server libsystemd-dev pkg-config)
+packages=(mariadb-server libsystemd-dev pkg-config systemd udev shellcheck)
 
 missing=()
 for pkg in "${packages[@]}"; do
