@@ -35,7 +35,7 @@ keeps the forehead, hair line and chin in view (hoods, helmets and scarves start
 MAX_ROLL_DEG = 40.0
 """Eye-line rotation is trusted up to this roll; beyond it the keypoints are more likely wrong
 (covered faces have noisier keypoints) than the customer's head is tilted that far."""
-DEFAULT_COVERED_THRESHOLD = 0.5
+DEFAULT_COVERED_THRESHOLD = 0.3
 """P(covered) at or above which a face counts as covered (chosen on validation data; see the model card)."""
 
 _RIGHT_EYE = KEYPOINT_NAMES.index("right_eye")

@@ -28,13 +28,13 @@ timestamp going backwards empties the window and restarts from NO_FACE, because 
 the gap say nothing about who stands there now.
 
 How the defaults were chosen (``atmguard model eval`` on the classifier's validation split of
-faces-covered, 443 covered / 1092 uncovered images, one image = one frame, threshold 0.5): a
-covered face is judged uncovered on 1.4% of frames (1.9% of those with a judged face), an uncovered
-one judged covered on 0.27%, and 1.2% of uncovered frames show no judgeable face. If frames erred
-independently, 7 of 10 would admit a covered face with probability ~1e-11 per window, and 3
-covered votes among 10 would refuse an uncovered customer with ~2e-6 per window (2 votes: 3e-4,
-i.e. ~0.15 false "remove your covering" prompts in a 30 s session at 15 fps; hence 3, which still
-refuses within 0.2 s). Frames of one person are not independent: the window stops sporadic
+faces-covered, 443 covered / 1092 uncovered images, one image = one frame, threshold 0.3): a
+covered face is judged uncovered on 0.23% of frames (0.32% of those with a judged face), an
+uncovered one judged covered on 0.46%, and 1.2% of uncovered frames show no judgeable face. If
+frames erred independently, 7 of 10 would admit a covered face with probability ~4e-17 per window,
+and 3 covered votes among 10 would refuse an uncovered customer with ~1e-5 per window (2 votes:
+9e-4, i.e. ~0.4 false "remove your covering" prompts in a 30 s session at 15 fps; hence 3, which
+still refuses within 0.2 s). Frames of one person are not independent: the window stops sporadic
 errors, not a covering the classifier misjudges on every frame (that is the classifier's error
 rate, per customer). The window (0.67 s) and the no-face run (0.33 s) are short enough that a
 customer does not wait, long enough to ride over a blink of the detector.
@@ -49,11 +49,11 @@ from collections import deque
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Protocol, Self
 
+from atmguard.vision.covering import DEFAULT_COVERED_THRESHOLD
+
 if TYPE_CHECKING:
     from atmguard.config import Settings
 
-DEFAULT_COVERED_THRESHOLD = 0.5
-"""Classifier probability at or above which a frame votes COVERED."""
 DEFAULT_WINDOW_FRAMES = 10
 """Votes remembered: 0.67 s at the camera's default 15 fps."""
 DEFAULT_UNCOVER_FRAMES = 7

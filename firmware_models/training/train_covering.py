@@ -39,7 +39,6 @@ import synth  # noqa: E402
 
 from atmguard.vision.covering import (  # noqa: E402
     CROP_SIZE,
-    DEFAULT_COVERED_THRESHOLD,
     ROLE,
     CoveringClassifier,
     face_crop,
@@ -83,15 +82,18 @@ P_DISTRACT_COVERED = 0.2
 P_SECOND_DISTRACTOR = 0.3
 """Share of distracted uncovered faces that get a second, different distractor (glasses and a
 moustache, a cap and a hand under the chin): real faces combine them."""
+PRIOR_NEUTRAL_THRESHOLD = 0.5
+"""Training is class-balanced, so P(covered) = 0.5 is the decision point before any tuning."""
 LABEL_SMOOTHING = 0.05
 """Soft targets: the real labels are noisy (half-worn masks, hands near the mouth) and hard targets
 pushed the first model to over-confident flips on unseen sources."""
 WARMUP_EPOCHS = 1
 PEAK_LR = 2e-3
 P_FRAME_CUT = 0.25
-SOURCE_REPEAT = {"fmd_uncovered_rmfd": 2}
+SOURCE_REPEAT = {"fmd_uncovered_rmfd": 2, "k12_covered": 3}
 """Crops seen more than once per round (freshly augmented each time): the 601 RMFD crops are the
-only uncovered faces not from CelebA."""
+only uncovered faces not from CelebA, and the 353 k12 masks are the smallest real covered source
+and the one with the most validation misses in runs v1 and v2."""
 
 # --- worker-side generation (module globals are inherited by the forked workers) --------------------
 
@@ -335,16 +337,24 @@ def evaluate(predict: Any, sets: dict[str, Any], threshold: float) -> dict[str, 
 
 
 def choose_threshold(probs: dict[str, np.ndarray], real_y: np.ndarray) -> float:
-    """The recommended decision threshold: DEFAULT_COVERED_THRESHOLD (0.5).
+    """The recommended ``covered_threshold``, chosen on the validation data by a fixed rule.
 
-    Training is class-balanced, so 0.5 is the prior-neutral point. The first run picked the
-    threshold maximising validation balanced accuracy (0.20): it bought 1.4 points of covered
-    recall with 0.9 points more false alarms on real faces, and on Yale faces (never trained on,
-    harsh side light) false alarms went from 11% to 31%. An unseen camera is closer to the latter,
-    so the tuned-on-validation threshold is reported in the table but not recommended.
+    Start from 0.5 (training is class-balanced, so that is the prior-neutral point) and lower it
+    in steps of 0.1, down to 0.3 at most, while the false-alarm rate on real uncovered validation
+    faces stays where it is at 0.5: covered recall bought without a single extra false alarm on real
+    faces. A missed covering is the failure the ATM exists to prevent, so free recall is taken.
+    The floor of 0.3 is there because the first model, tuned for the best validation balanced
+    accuracy, picked 0.20 and tripled its false alarms on Yale faces (never trained on).
     """
-    del probs, real_y
-    return DEFAULT_COVERED_THRESHOLD
+    p_real = probs["real"]
+    negatives = p_real[real_y == 0]
+    base_false_alarms = int((negatives >= PRIOR_NEUTRAL_THRESHOLD).sum())
+    chosen = PRIOR_NEUTRAL_THRESHOLD
+    for threshold in (0.4, 0.3):
+        if int((negatives >= threshold).sum()) > base_false_alarms:
+            break
+        chosen = threshold
+    return chosen
 
 
 # --- outputs ------------------------------------------------------------------------------------
@@ -388,7 +398,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--dataset", type=Path, default=cd.DEFAULT_DATASET)
     parser.add_argument("--out", type=Path, default=cd.DEFAULT_OUT)
-    parser.add_argument("--epochs", type=int, default=36)
+    parser.add_argument("--epochs", type=int, default=40)
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--no-ship", action="store_true", help="leave firmware_models/ untouched")
@@ -817,8 +827,10 @@ def model_card(s: dict[str, Any]) -> str:
         "  generator as training (other faces, other random draws), so they are optimistic for real ones.",
         "- 89% of the real uncovered faces are CelebA crops; covered faces come from other web sources.",
         "  Synthetic coverings on CelebA faces are what stops the model keying on the source.",
-        "- The 0.5 threshold is fixed, not tuned: tuning it on this validation set picked 0.20, which tripled",
-        "  false alarms on Yale faces (never trained on) for the first model; see choose_threshold() in the recipe.",
+        f"- The threshold ({s['threshold']:.2f}) was chosen on this same validation set (see choose_threshold() in the",
+        "  recipe: lowered from 0.5 only while real false alarms do not rise, never below 0.3), so the real",
+        "  validation figures above are optimistic; the table shows 0.5 for comparison. Tuning for the best",
+        "  validation balanced accuracy picked 0.20 for the first model and tripled its false alarms on Yale faces.",
         "- Yale is no longer a blind check: the first model's Yale misses (moustaches, glasses, dark",
         "  grayscale faces) led to the moustache distractor, more grayscale and harsh-shadow augmentation.",
         "  Its faces are still never trained on; the sealed set is the real test of generalisation.",
