@@ -168,7 +168,7 @@ class VisionSettings(_Section):
     """Overlap above which two detections are merged into one face."""
     num_threads: Annotated[int, Field(ge=1, le=4)] = 1
     """Interpreter threads per model; one leaves the other core to the daemon."""
-    covered_threshold: Annotated[float, Field(gt=0, lt=1)] = 0.5
+    covered_threshold: Annotated[float, Field(gt=0, lt=1)] = 0.3
     """Covering probability at or above which a frame's face counts as covered (model card)."""
     min_face_px: Annotated[float, Field(ge=0, le=1000)] = 40.0
     """A primary face whose box is shorter than this (pixels, lores frame) is too small to judge
@@ -287,6 +287,9 @@ class DaemonSettings(_Section):
     """On SIGTERM, the longest wait for the current card to be ejected before exiting anyway."""
     purge_interval_s: Annotated[float, Field(gt=0, le=86400)] = 600.0
     """How often synced journal records past their retention are purged."""
+    sim_control_socket: str = ""
+    """UNIX socket through which a test harness drives the simulated hardware (insert a card, type
+    keys, change the camera scene). Refused unless every hardware role uses its sim backend."""
 
 
 class Settings(_Section):
