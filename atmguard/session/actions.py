@@ -37,6 +37,7 @@ class Reason(enum.Enum):
     FORGOTTEN_CARD = "forgotten_card"
     OUT_OF_SERVICE = "out_of_service"
     SHUTDOWN = "shutdown"
+    CARD_REMOVED = "card_removed"  # the card left the reader before a decision (pulled out, reader reset)
 
 
 @dataclass(frozen=True, slots=True)

@@ -9,6 +9,7 @@ from __future__ import annotations
 import enum
 from dataclasses import dataclass
 
+from atmguard.session.policy import Policy
 from atmguard.store.central import CardStatus, PinResult
 from atmguard.vision.tracker import FaceState
 
@@ -168,3 +169,10 @@ class Tick(Event):
 @dataclass(frozen=True, slots=True)
 class ShutdownRequested(Event):
     """SIGTERM: refuse new cards, end the session safely, then stop."""
+
+
+@dataclass(frozen=True, slots=True)
+class PolicyChanged(Event):
+    """SIGHUP reloaded the config: ``policy`` applies from the next session (the running one keeps its own)."""
+
+    policy: Policy
