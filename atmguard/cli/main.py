@@ -25,6 +25,7 @@ COMMAND_MODULES: tuple[str, ...] = (
     "atmguard.cli.sync_cmd",
     "atmguard.cli.model_cmd",
     "atmguard.cli.bench_cmd",
+    "atmguard.cli.run_cmd",
 )
 
 

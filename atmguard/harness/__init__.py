@@ -1,0 +1,1 @@
+"""Test and demo harness: drive simulated hardware and scenarios."""
