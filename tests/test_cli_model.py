@@ -15,8 +15,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from atmguard.datasets import shared_datasets_dir
 from atmguard.config import CONFIG_ENV_VAR
+from atmguard.datasets import shared_datasets_dir
 from atmguard.vision.evaluate import ImageResult, camera_frame
 from atmguard.vision.models import load_manifest
 

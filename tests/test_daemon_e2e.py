@@ -63,10 +63,8 @@ def test_daemon_runs_sessions_under_the_systemd_protocol(rig: SimRig) -> None:
     client.wait_state(timeout_s=10, phase="idle", faults=[])
 
     # 1. An uncovered customer with a good card and the right PIN is approved.
-    client.command(cmd="scene", name="uncovered")
-    client.wait_state(timeout_s=10, face_state="uncovered")
-    assert client.command(cmd="insert_card", pan=GOOD_PAN)["accepted"]
-    client.wait_for(lambda state: state.get("session_id") is not None, timeout_s=10)
+    client.show("uncovered", expect="uncovered")
+    client.start_session(GOOD_PAN)
     client.command(cmd="keys", keys=PIN + "#")
     decision = client.next_message("decision", timeout_s=15)
     assert (decision["outcome"], decision["reason"]) == ("approve", "approved"), decision
@@ -77,7 +75,7 @@ def test_daemon_runs_sessions_under_the_systemd_protocol(rig: SimRig) -> None:
 
     # 2. A hot-listed card is retained, whatever the face.
     client.command(cmd="scene", name="covered")
-    assert client.command(cmd="insert_card", pan=HOT_PAN)["accepted"]
+    client.start_session(HOT_PAN)
     decision = client.next_message("decision", timeout_s=15)
     assert (decision["outcome"], decision["reason"]) == ("retain", "hot_listed"), decision
     state = client.wait_state(timeout_s=10, phase="idle")
@@ -136,10 +134,8 @@ def test_daemon_declines_covered_faces_retains_on_pin_exhaustion_and_rides_out_a
         client.wait_state(timeout_s=10, phase="idle", card_entry=True)
 
         # 1. A covered face: prompted, then declined after uncover_timeout_s; the card comes back.
-        client.command(cmd="scene", name="covered")
-        client.wait_state(timeout_s=10, face_state="covered")
-        assert client.command(cmd="insert_card", pan=GOOD_PAN)["accepted"]
-        client.wait_for(lambda state: state.get("session_id") is not None, timeout_s=10)
+        client.show("covered", expect="covered")
+        client.start_session(GOOD_PAN)
         client.command(cmd="keys", keys=PIN + "#")
         decision = client.next_message("decision", timeout_s=15)
         assert (decision["outcome"], decision["reason"]) == ("deny", "face_covered"), decision
@@ -149,10 +145,8 @@ def test_daemon_declines_covered_faces_retains_on_pin_exhaustion_and_rides_out_a
         client.wait_state(timeout_s=10, phase="idle", card_entry=True)
 
         # 2. Three wrong PINs (counted by the bank): the card is retained.
-        client.command(cmd="scene", name="uncovered")
-        client.wait_state(timeout_s=10, face_state="uncovered")
-        assert client.command(cmd="insert_card", pan=GOOD_PAN)["accepted"]
-        client.wait_for(lambda state: state.get("session_id") is not None, timeout_s=10)
+        client.show("uncovered", expect="uncovered")
+        client.start_session(GOOD_PAN)
         for attempt in range(3):
             client.command(cmd="keys", keys="000000#")
             if attempt < 2:  # the machine asks again once the bank has answered

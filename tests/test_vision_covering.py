@@ -19,8 +19,8 @@ import numpy as np
 import pytest
 from PIL import Image, ImageDraw
 
-from atmguard.datasets import shared_datasets_dir
 from atmguard.config import settings_from_mapping
+from atmguard.datasets import shared_datasets_dir
 from atmguard.vision.covering import (
     CROP_SCALE,
     CROP_SIZE,

@@ -16,8 +16,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from atmguard.datasets import shared_datasets_dir
 from atmguard.config import settings_from_mapping
+from atmguard.datasets import shared_datasets_dir
 from atmguard.vision.detector import (
     DEFAULT_SCORE_THRESHOLD,
     KEYPOINT_NAMES,

@@ -12,8 +12,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from atmguard.datasets import shared_datasets_dir
 from atmguard.config import settings_from_mapping
+from atmguard.datasets import shared_datasets_dir
 from atmguard.hardware.camera.base import Frame
 from atmguard.vision.detector import Face, FaceDetector
 from atmguard.vision.evaluate import camera_frame

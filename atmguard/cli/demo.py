@@ -17,12 +17,12 @@ from datetime import date
 from pathlib import Path
 
 from atmguard.config import Settings, settings_from_mapping
+from atmguard.datasets import REPO_ROOT, shared_datasets_dir
 from atmguard.errors import AtmguardError, CameraError, CameraTimeout, CardReaderTimeout
 from atmguard.hardware.actuator import SimSolenoid
 from atmguard.hardware.camera.sim import SimCamera
 from atmguard.hardware.card.base import CardInserted, CardReader, CardTaken
 from atmguard.hardware.card.emulator import SimCardReader
-from atmguard.datasets import REPO_ROOT, shared_datasets_dir
 from atmguard.hardware.card.testcards import TestCard, expired_card, luhn_failing_card, valid_card
 from atmguard.hardware.display import Prompt, RecordingDisplay
 from atmguard.hardware.keypad.pinbuffer import PinEntry, Submitted

@@ -61,12 +61,10 @@ def measure_daemon(*, idle_s: float = 20.0, sessions: int = 20) -> dict[str, Any
                 rss_samples.append(_proc_rss_mb(pid))
             idle_cpu_percent = 100 * (_proc_cpu_s(pid) - cpu0) / (time.monotonic() - t0)
 
-            client.command(cmd="scene", name="uncovered")
-            client.wait_state(timeout_s=10, face_state="uncovered")
+            client.show("uncovered", expect="uncovered")
             outcomes = []
             for pan in pans:
-                client.command(cmd="insert_card", pan=pan)
-                client.wait_for(lambda state: state.get("session_id") is not None, timeout_s=10)
+                client.start_session(pan)
                 client.command(cmd="keys", keys=PIN + "#", interval_s=0.12)
                 outcomes.append(client.next_message("decision", timeout_s=15)["outcome"])
                 client.command(cmd="take_card")

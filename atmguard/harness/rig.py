@@ -121,6 +121,19 @@ class SimClient:
     def wait_state(self, *, timeout_s: float, **expected: Any) -> dict[str, Any]:
         return self.wait_for(lambda s: all(s.get(k) == v for k, v in expected.items()), timeout_s=timeout_s)
 
+    def show(self, scene: str, *, expect: str, timeout_s: float = 10.0) -> None:
+        """Put ``scene`` before the camera and wait until the tracker reports ``expect``."""
+        self.command(cmd="scene", name=scene)
+        self.wait_state(timeout_s=timeout_s, face_state=expect)
+
+    def start_session(self, pan: str, *, timeout_s: float = 10.0) -> str:
+        """Insert a card once the slot is open and wait until its session runs; its session id."""
+        self.wait_state(timeout_s=timeout_s, card_entry=True)
+        if not self.command(cmd="insert_card", pan=pan)["accepted"]:
+            raise AssertionError("the card reader refused the card")
+        state = self.wait_for(lambda s: s.get("session_id") is not None, timeout_s=timeout_s)
+        return str(state["session_id"])
+
     def next_message(self, kind: str, *, timeout_s: float) -> dict[str, Any]:
         """The next host-socket line of ``type`` ``kind`` (earlier lines of other types are kept)."""
         end = time.monotonic() + timeout_s
