@@ -69,8 +69,7 @@ def test_daemon_runs_sessions_under_the_systemd_protocol(rig: SimRig) -> None:
     decision = client.next_message("decision", timeout_s=15)
     assert (decision["outcome"], decision["reason"]) == ("approve", "approved"), decision
     assert decision["masked_pan"].startswith(GOOD_PAN[:6]) and GOOD_PAN not in json.dumps(decision)
-    client.wait_state(timeout_s=10, card="gate")  # ejected: the customer can take it
-    client.command(cmd="take_card")
+    client.take_card()
     client.wait_state(timeout_s=10, phase="idle", card_entry=True)
 
     # 2. A hot-listed card is retained, whatever the face.
@@ -139,9 +138,9 @@ def test_daemon_declines_covered_faces_retains_on_pin_exhaustion_and_rides_out_a
         client.command(cmd="keys", keys=PIN + "#")
         decision = client.next_message("decision", timeout_s=15)
         assert (decision["outcome"], decision["reason"]) == ("deny", "face_covered"), decision
-        client.wait_state(timeout_s=10, card="gate", captured_cards=0)
         assert "Please remove your face covering" in rig.display_path.read_text()
-        client.command(cmd="take_card")
+        client.take_card()
+        assert client.command(cmd="state")["captured_cards"] == 0
         client.wait_state(timeout_s=10, phase="idle", card_entry=True)
 
         # 2. Three wrong PINs (counted by the bank): the card is retained.

@@ -67,7 +67,7 @@ def measure_daemon(*, idle_s: float = 20.0, sessions: int = 20) -> dict[str, Any
                 client.start_session(pan)
                 client.command(cmd="keys", keys=PIN + "#", interval_s=0.12)
                 outcomes.append(client.next_message("decision", timeout_s=15)["outcome"])
-                client.command(cmd="take_card")
+                client.take_card()
                 client.wait_state(timeout_s=10, phase="idle", card_entry=True)
                 rss_samples.append(_proc_rss_mb(pid))
             latencies_ms = client.command(cmd="state")["decision_latency_ms"]

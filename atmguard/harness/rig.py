@@ -15,6 +15,7 @@ from __future__ import annotations
 import json
 import os
 import secrets
+import shlex
 import signal
 import socket
 import subprocess
@@ -133,6 +134,11 @@ class SimClient:
             raise AssertionError("the card reader refused the card")
         state = self.wait_for(lambda s: s.get("session_id") is not None, timeout_s=timeout_s)
         return str(state["session_id"])
+
+    def take_card(self, *, timeout_s: float = 10.0) -> None:
+        """Wait for the ejected card at the gate and take it."""
+        self.wait_state(timeout_s=timeout_s, card="gate")
+        self.command(cmd="take_card")
 
     def next_message(self, kind: str, *, timeout_s: float) -> dict[str, Any]:
         """The next host-socket line of ``type`` ``kind`` (earlier lines of other types are kept)."""
@@ -301,7 +307,13 @@ class SimRig:
 
     def start(self) -> None:
         self.notify = NotifyListener(self.work_dir / "notify.sock")
-        env = {**os.environ, "NOTIFY_SOCKET": str(self.notify.path), "WATCHDOG_USEC": str(self.watchdog_usec)}
+        env = {
+            **os.environ,
+            **unit_environment(),
+            "NOTIFY_SOCKET": str(self.notify.path),
+            "WATCHDOG_USEC": str(self.watchdog_usec),
+        }
+        env.pop("LG_WD", None)  # the unit's runtime directory does not exist here
         env.pop("WATCHDOG_PID", None)
         env.pop("INVOCATION_ID", None)
         env.pop("JOURNAL_STREAM", None)
@@ -345,6 +357,17 @@ class SimRig:
 
     def log_text(self) -> str:
         return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
+
+
+def unit_environment(unit: Path = REPO_ROOT / "deploy" / "atmguard.service") -> dict[str, str]:
+    """The ``Environment=`` assignments of the systemd unit, so the rig runs the daemon as it deploys."""
+    env: dict[str, str] = {}
+    for line in unit.read_text().splitlines():
+        if line.startswith("Environment="):
+            for assignment in shlex.split(line.removeprefix("Environment=")):
+                key, _, value = assignment.partition("=")
+                env[key] = value
+    return env
 
 
 def _toml(sections: dict[str, dict[str, Any]]) -> str:

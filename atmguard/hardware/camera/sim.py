@@ -48,6 +48,7 @@ ImageSource = str | os.PathLike[str] | NDArray[np.uint8]
 # drawing fresh Gaussian noise for a 1920x1080 frame costs ~100 ms; the margin gives
 # _NOISE_MARGIN**2 distinct windows.
 _NOISE_MARGIN = 32
+_NOISE_BAND_ROWS = 64
 _DECODED_CACHE_SIZE = 16
 
 
@@ -147,7 +148,7 @@ class SimCamera(Camera):
         self._resume_index = 1
         self._recent: OrderedDict[int, _SimCapture] = OrderedDict()
         self._backgrounds: dict[tuple[int, int], NDArray[np.uint8]] = {}
-        self._noise: dict[tuple[int, int], NDArray[np.int16]] = {}
+        self._noise: dict[tuple[int, int], NDArray[np.int8]] = {}
 
     @classmethod
     def from_settings(cls, settings: Settings) -> Self:
@@ -388,14 +389,21 @@ class SimCamera(Camera):
         self._backgrounds[size] = background
         return background
 
-    def _noise_field(self, size: tuple[int, int]) -> NDArray[np.int16]:
+    def _noise_field(self, size: tuple[int, int]) -> NDArray[np.int8]:
         cached = self._noise.get(size)
         if cached is not None:
             return cached
         width, height = size
         rng = np.random.default_rng([self._seed, 11, width, height])
-        shape = (height + _NOISE_MARGIN, width + _NOISE_MARGIN, 3)
-        noise = np.rint(rng.normal(0.0, self._noise_sigma, size=shape)).astype(np.int16)
+        rows, columns = height + _NOISE_MARGIN, width + _NOISE_MARGIN
+        # int8, drawn a band of rows at a time: a float64 draw of the whole 1080p field would
+        # briefly take 50 MB, which glibc keeps in the process long after it is freed.
+        noise = np.empty((rows, columns, 3), dtype=np.int8)
+        for top in range(0, rows, _NOISE_BAND_ROWS):
+            band = rng.standard_normal((min(_NOISE_BAND_ROWS, rows - top), columns, 3), dtype=np.float32)
+            band *= self._noise_sigma
+            np.clip(np.rint(band), -127, 127, out=band)
+            noise[top : top + band.shape[0]] = band
         self._noise[size] = noise
         return noise
 
