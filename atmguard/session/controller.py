@@ -18,6 +18,7 @@ import queue
 import threading
 import time
 import uuid
+from collections import deque
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -49,6 +50,8 @@ from atmguard.store.journal import Journal, JournalError
 logger = logging.getLogger(__name__)
 
 CARD_POLL_S = 0.2
+LATENCY_HISTORY = 1000
+"""Decision latencies kept for the bench (bounded: the daemon runs for months)."""
 READER_RETRY_S = 1.0
 _INVALID_CARD_REASONS = frozenset({"bad_pan", "luhn", "bad_format", "bad_expiry", "bad_service_code"})
 
@@ -132,7 +135,7 @@ class Controller:
         self._mechanics_worker = ThreadPoolExecutor(1, thread_name_prefix="atmguard-mechanics")
         self._reader_fault = False
         self._last_loop_s = clock()
-        self.decision_latencies_s: list[float] = []
+        self.decision_latencies_s: deque[float] = deque(maxlen=LATENCY_HISTORY)
         """Seconds from the last input a decision needed to the decision's Publish (for make bench)."""
 
     # --- thread-safe entry points ------------------------------------------------------------------
