@@ -134,7 +134,6 @@ class Controller:
         self._bank_worker = ThreadPoolExecutor(1, thread_name_prefix="atmguard-bank")
         self._mechanics_worker = ThreadPoolExecutor(1, thread_name_prefix="atmguard-mechanics")
         self._reader_fault = False
-        self._last_loop_s = clock()
         self.decision_latencies_s: deque[float] = deque(maxlen=LATENCY_HISTORY)
         """Seconds from the last input a decision needed to the decision's Publish (for make bench)."""
 
@@ -156,10 +155,6 @@ class Controller:
     def state(self) -> SessionState | None:
         return self._state
 
-    @property
-    def loop_alive(self) -> bool:
-        return self._clock() - self._last_loop_s < max(2.0, 5 * self._tick_interval_s)
-
     # --- the loop -------------------------------------------------------------------------------
 
     def run(self) -> None:
@@ -176,7 +171,6 @@ class Controller:
         try:
             while self._state.phase is not Phase.STOPPED:
                 now = self._clock()
-                self._last_loop_s = now
                 if self._vision.responsive:
                     self._watchdog()
                 if self._stop_deadline is not None and now >= self._stop_deadline:

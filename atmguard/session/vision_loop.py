@@ -107,7 +107,6 @@ class VisionLoop:
         self._last_observation: FaceObservation | None = None
         self._reported: tuple[FaceState, int] | None = None
         self._faults: set[Component] = set()
-        self._frames = 0
 
     # --- control (any thread) -------------------------------------------------------------------
 
@@ -151,20 +150,6 @@ class VisionLoop:
             and self._clock() - self._heartbeat_s < limit_s
         )
 
-    @property
-    def has_frames(self) -> bool:
-        """A frame arrived within the camera timeout."""
-        last = self._last_frame_s
-        return last is not None and self._clock() - last < self._camera_timeout_s
-
-    @property
-    def frames(self) -> int:
-        return self._frames
-
-    @property
-    def active(self) -> bool:
-        return self._active
-
     # --- the thread ------------------------------------------------------------------------------
 
     def _run(self) -> None:
@@ -190,7 +175,6 @@ class VisionLoop:
             self._camera_failed(str(exc))
             return None
         self._last_frame_s = self._clock()
-        self._frames += 1
         self._clear(Component.CAMERA)
         return frame
 
