@@ -277,7 +277,7 @@ class Daemon:
             return {
                 "phase": state.phase.name.lower(),
                 "session_id": state.session_id,
-                "faults": sorted(f.value for f in state.faults),
+                "faults": state.fault_names,
                 "face_state": state.face_state.value,
                 "face_count": state.face_count,
                 "decision_latency_ms": [round(s * 1e3, 3) for s in controller.decision_latencies_s],
@@ -348,7 +348,7 @@ class Daemon:
         if state is None:
             return "starting"
         if state.faults:
-            return "OUT OF SERVICE: " + ", ".join(sorted(f.value for f in state.faults))
+            return "OUT OF SERVICE: " + ", ".join(state.fault_names)
         if state.in_session:
             return f"in service: session {state.session_id} ({state.phase.name.lower()})"
         return f"in service: {state.phase.name.lower()}"

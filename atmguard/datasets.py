@@ -16,3 +16,14 @@ def shared_datasets_dir() -> Path:
     """The datasets directory: ``$ATMGUARD_DATASETS``, else ``<repo>/../shared/datasets``."""
     override = os.environ.get("ATMGUARD_DATASETS")
     return Path(override) if override else REPO_ROOT.parent / "shared" / "datasets"
+
+
+SCENE_FOLDERS = {"uncovered": "faces-identity/orl_s01", "covered": "faces-covered/covered"}
+"""Where the simulated camera's face scenes come from (demo and sim rig)."""
+SCENE_IMAGES = 3
+
+
+def scene_images(scene: str, datasets: Path | None = None) -> list[Path]:
+    """The first few photos of a camera scene ("uncovered" or "covered"), read in place; [] if absent."""
+    folder = (datasets or shared_datasets_dir()) / SCENE_FOLDERS[scene]
+    return sorted(folder.glob("*.jpg"))[:SCENE_IMAGES]

@@ -17,21 +17,24 @@ from pathlib import Path
 
 import pytest
 
-from atmguard.datasets import shared_datasets_dir
+from atmguard.datasets import scene_images, shared_datasets_dir
 from atmguard.hardware.card.testcards import luhn_complete
 from atmguard.harness.rig import SimRig
 from atmguard.store.central import CardStatus
 from atmguard.store.throwaway_mariadb import ThrowawayMariaDB
 
 PIN = "739184"
+# The camera scenes are real photos read in place from ../shared/datasets (present in CI).
+pytestmark = pytest.mark.skipif(
+    not scene_images("uncovered"),
+    reason=f"face images for the camera scenes: {shared_datasets_dir()} is absent",
+)
 GOOD_PAN = luhn_complete("476173100", length=16)
 HOT_PAN = luhn_complete("476173200", length=16)
 
 
 @pytest.fixture
 def rig(tmp_path: Path, mariadb_server: ThrowawayMariaDB) -> Iterator[SimRig]:
-    if not (shared_datasets_dir() / "faces-identity").is_dir():
-        pytest.skip(f"face images needed for the camera scenes: {shared_datasets_dir()} is absent")
     rig = SimRig(
         tmp_path, server=mariadb_server, database="atm_e2e", atm_id="E2E-ATM-1", watchdog_usec=1_000_000
     )
@@ -114,8 +117,6 @@ def test_daemon_runs_sessions_under_the_systemd_protocol(rig: SimRig) -> None:
 def test_daemon_declines_covered_faces_retains_on_pin_exhaustion_and_rides_out_a_lost_camera(
     tmp_path: Path, mariadb_server: ThrowawayMariaDB
 ) -> None:
-    if not (shared_datasets_dir() / "faces-identity").is_dir():
-        pytest.skip(f"face images needed for the camera scenes: {shared_datasets_dir()} is absent")
     rig = SimRig(
         tmp_path,
         server=mariadb_server,

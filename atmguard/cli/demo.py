@@ -17,7 +17,7 @@ from datetime import date
 from pathlib import Path
 
 from atmguard.config import Settings, settings_from_mapping
-from atmguard.datasets import REPO_ROOT, shared_datasets_dir
+from atmguard.datasets import REPO_ROOT, scene_images, shared_datasets_dir
 from atmguard.errors import AtmguardError, CameraError, CameraTimeout, CardReaderTimeout
 from atmguard.hardware.actuator import SimSolenoid
 from atmguard.hardware.camera.sim import SimCamera
@@ -94,8 +94,7 @@ def _return_card(reader: SimCardReader, display: RecordingDisplay, timeline: Tim
 
 
 def _camera_scenes(camera: SimCamera, timeline: Timeline) -> bool:
-    uncovered = sorted((DATASETS / "faces-identity" / "orl_s01").glob("*.jpg"))[:3]
-    covered = sorted((DATASETS / "faces-covered" / "covered").glob("*.jpg"))[:3]
+    uncovered, covered = scene_images("uncovered", DATASETS), scene_images("covered", DATASETS)
     if not uncovered:
         timeline.say("camera", f"no face images at {DATASETS}: only the built-in scenes are shown")
         return False

@@ -18,6 +18,7 @@ from typing import Any
 
 from atmguard.hardware.card.testcards import luhn_complete
 from atmguard.harness.rig import SimRig
+from atmguard.store.sync import rss_bytes
 from atmguard.store.throwaway_mariadb import ThrowawayMariaDB
 
 PIN = "246810"
@@ -33,10 +34,7 @@ def _proc_cpu_s(pid: int) -> float:
 
 
 def _proc_rss_mb(pid: int) -> float:
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1]) / 1024
-    raise RuntimeError(f"no VmRSS for pid {pid}")
+    return rss_bytes(pid) / (1024 * 1024)
 
 
 def measure_daemon(*, idle_s: float = 20.0, sessions: int = 20) -> dict[str, Any]:

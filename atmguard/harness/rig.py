@@ -27,14 +27,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from atmguard.datasets import REPO_ROOT, shared_datasets_dir
+from atmguard.datasets import REPO_ROOT, SCENE_FOLDERS, scene_images, shared_datasets_dir
 from atmguard.store.central import CardStatus, provision_account
 from atmguard.store.keys import generate_keypair
 from atmguard.store.migrate import migrate, register_atm
 from atmguard.store.throwaway_mariadb import ThrowawayMariaDB
 
-UNCOVERED_IMAGES = ("faces-identity/orl_s01", 3)
-COVERED_IMAGES = ("faces-covered/covered", 3)
 SOCKET_TIMEOUT_S = 30.0
 
 
@@ -245,10 +243,12 @@ class SimRig:
             (secret_dir / name).write_bytes(value)
             (secret_dir / name).chmod(0o600)
         scenes = self.work_dir / "scenes"
-        for scene, (folder, count) in (("uncovered", UNCOVERED_IMAGES), ("covered", COVERED_IMAGES)):
-            images = sorted((self.datasets / folder).glob("*.jpg"))[:count]
+        for scene in SCENE_FOLDERS:
+            images = scene_images(scene, self.datasets)
             if not images:
-                raise FileNotFoundError(f"no face images in {self.datasets / folder} for the {scene} scene")
+                raise FileNotFoundError(
+                    f"no face images in {self.datasets / SCENE_FOLDERS[scene]} for {scene}"
+                )
             (scenes / scene).mkdir(parents=True, exist_ok=True)
             for image in images:
                 link = scenes / scene / image.name

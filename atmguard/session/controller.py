@@ -407,7 +407,7 @@ class Controller:
 
     def _publish_service_status(self) -> None:
         state = self._state
-        faults = sorted(f.value for f in state.faults) if state is not None else []
+        faults = state.fault_names if state is not None else []
         self._publish_status(not faults, "faults: " + ", ".join(faults) if faults else "")
 
     # --- slow calls on workers ----------------------------------------------------------------------

@@ -160,6 +160,11 @@ class SessionState:
         return self.session is not None
 
     @property
+    def fault_names(self) -> list[str]:
+        """The faulty components, sorted, for status lines and the host socket."""
+        return sorted(component.value for component in self.faults)
+
+    @property
     def out_of_service(self) -> bool:
         """No new card would be accepted: a component is faulty, or the machine is shutting down."""
         return bool(self.faults) or self.phase in (Phase.OUT_OF_SERVICE, Phase.STOPPING, Phase.STOPPED)

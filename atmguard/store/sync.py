@@ -541,11 +541,14 @@ TARGET_DRAIN_S = 60.0
 """Issue 4: 10,000 events + 1,000 sealed ~40 KB snapshots drain into the local MariaDB in 60 s."""
 
 
-def _rss_bytes() -> int:
+def rss_bytes(pid: int | str = "self") -> int:
+    """Resident memory of a process (this one by default), from /proc."""
     try:
-        with open("/proc/self/statm") as handle:
+        with open(f"/proc/{pid}/statm") as handle:
             return int(handle.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
     except (OSError, ValueError, IndexError):
+        if pid != "self":
+            raise
         import resource
 
         return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
@@ -562,17 +565,17 @@ class _RssSampler:
 
     def _loop(self) -> None:
         while not self._stop.wait(self._period_s):
-            self.samples.append(_rss_bytes())
+            self.samples.append(rss_bytes())
 
     def __enter__(self) -> Self:
-        self.samples.append(_rss_bytes())
+        self.samples.append(rss_bytes())
         self._thread.start()
         return self
 
     def __exit__(self, *exc_info: object) -> None:
         self._stop.set()
         self._thread.join()
-        self.samples.append(_rss_bytes())
+        self.samples.append(rss_bytes())
 
 
 def _growth(samples: Sequence[int]) -> int:
@@ -686,7 +689,7 @@ def measure_sync(
             def on_batch(report: SyncReport) -> None:
                 kind = "event" if report.events_synced != seen[0] else "snapshot"
                 seen[:] = [report.events_synced, report.snapshots_synced]
-                by_kind[kind].append(_rss_bytes())
+                by_kind[kind].append(rss_bytes())
 
             gc.collect()
             with worker, _RssSampler() as sampler:
