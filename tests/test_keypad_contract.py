@@ -9,6 +9,7 @@ from __future__ import annotations
 import itertools
 import logging
 import queue
+import statistics
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -81,6 +82,7 @@ def make_rig(request: pytest.FixtureRequest) -> Iterator[Callable[..., Rig]]:
         debounce_ms: float = 5.0,
         bounce_ms: float = 1.0,
         on_event: Callable[[KeyEvent], None] | None = None,
+        clock: Callable[[], float] = time.monotonic,
     ) -> Rig:
         rows = LAYOUTS[layout]
         cols = COLUMN_PINS[: len(rows[0])]
@@ -95,6 +97,7 @@ def make_rig(request: pytest.FixtureRequest) -> Iterator[Callable[..., Rig]]:
                 scan_hz=scan_hz,
                 debounce_ms=debounce_ms,
                 pin_factory=factory,
+                clock=clock,
             )
             pos = {key: (r, c) for r, row in enumerate(rows) for c, key in enumerate(row)}
 
@@ -113,6 +116,7 @@ def make_rig(request: pytest.FixtureRequest) -> Iterator[Callable[..., Rig]]:
                 debounce_ms=debounce_ms,
                 bounce_ms=bounce_ms,
                 seed=7,
+                clock=clock,
             )
             kp, factory, down, up = sim, sim.pin_factory, sim.key_down, sim.key_up
         kp.open(on_event or rec)
@@ -173,18 +177,48 @@ def test_press_is_not_reported_before_debounce_and_is_stamped_when_first_seen(ma
     rig.up("#")
     rig.events.next()
     assert t_reported - t_down >= 0.030
-    assert 0.0 <= event.t_monotonic_s - t_down < 0.015  # first seen within a few scan periods
+    # stamped when the scan first saw the contact, a full debounce before it was reported
+    assert t_down <= event.t_monotonic_s <= t_reported - 0.030
 
 
 @pytest.mark.parametrize("kind", KINDS)
 def test_key_up_comes_after_the_hold_time(make_rig, kind):
     rig = make_rig(kind, bounce_ms=0.0)
+    t_down = time.monotonic()
     rig.down("0")
     pressed = rig.events.next()
+    t_pressed_delivered = time.monotonic()
     time.sleep(0.1)
+    t_up = time.monotonic()
     rig.up("0")
     released = rig.events.next()
-    assert released.t_monotonic_s - pressed.t_monotonic_s == pytest.approx(0.1, abs=0.03)
+    t_released_delivered = time.monotonic()
+    # Each edge is stamped when the scan first saw it: after the contact changed and before the
+    # event arrived. Bounds, not a fixed hold, because a loaded machine can starve the scan thread.
+    assert t_down <= pressed.t_monotonic_s <= t_pressed_delivered
+    assert t_up <= released.t_monotonic_s <= t_released_delivered
+    assert released.t_monotonic_s - pressed.t_monotonic_s >= 0.1
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_an_edge_is_never_dated_before_the_contact_changed(make_rig, kind):
+    def preempted_clock() -> float:
+        # Reads the time, then loses the CPU: what a loaded machine does to the scan thread.
+        now_s = time.monotonic()
+        time.sleep(0.02)
+        return now_s
+
+    rig = make_rig(kind, bounce_ms=0.0, debounce_ms=0.0, clock=preempted_clock)
+    for _ in range(5):
+        t_down = time.monotonic()
+        rig.down("5")
+        pressed = rig.events.next()
+        t_up = time.monotonic()
+        rig.up("5")
+        released = rig.events.next()
+        assert (pressed.pressed, released.pressed) == (True, False)
+        assert t_down <= pressed.t_monotonic_s
+        assert t_up <= released.t_monotonic_s
 
 
 @pytest.mark.parametrize("drive", ["rows", "columns"])
@@ -241,9 +275,11 @@ def test_sim_types_at_human_speed_with_default_timing(make_rig):
     took = time.monotonic() - t0
     presses = [e for e in [rig.events.next() for _ in range(10)] if e.pressed]
     assert "".join(e.key for e in presses) == "1234#"
-    assert took == pytest.approx(0.45, abs=0.06)
+    # Never faster than asked; the upper bounds leave room for a busy machine's scheduler.
+    assert 0.44 <= took < 1.0
     gaps = [b.t_monotonic_s - a.t_monotonic_s for a, b in itertools.pairwise(presses)]
-    assert all(abs(g - 0.1) < 0.03 for g in gaps)
+    assert all(0.05 < g < 0.3 for g in gaps)
+    assert statistics.mean(gaps) == pytest.approx(0.1, abs=0.03)
 
 
 @pytest.mark.parametrize("kind", KINDS)

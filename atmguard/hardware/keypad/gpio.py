@@ -262,8 +262,10 @@ class GpioKeypad(Keypad):
         try:
             while not self._stop.is_set():
                 t0 = perf()
-                now_s = self._clock()
-                events = self._debouncer.update(self._read_matrix(driven, read), now_s)
+                masks = self._read_matrix(driven, read)
+                # Stamp after the read, not before: a thread preempted between the two would
+                # otherwise date an edge earlier than the contact actually changed.
+                events = self._debouncer.update(masks, self._clock())
                 dt = perf() - t0
                 self._scans += 1
                 self._scan_total_s += dt
