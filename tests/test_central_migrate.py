@@ -19,7 +19,12 @@ from atmguard.store.migrate import (
     split_statements,
 )
 
-EXPECTED = ["0001_core_schema", "0002_atm_procedures", "0003_reporting_indexes"]
+EXPECTED = [
+    "0001_core_schema",
+    "0002_atm_procedures",
+    "0003_reporting_indexes",
+    "0004_face_template_per_model",
+]
 
 
 def _copy_sql(tmp_path: Path) -> Path:
@@ -93,7 +98,7 @@ def test_migrate_applies_everything_in_order_once_and_records_checksums(mariadb_
     with throwaway_database(mariadb_server, "mig_fresh") as db:
         conn = mariadb_server.admin_connect()
         try:
-            assert [s.state for s in migration_status(conn, database=db)] == [MigrationState.PENDING] * 3
+            assert [s.state for s in migration_status(conn, database=db)] == [MigrationState.PENDING] * 4
             applied = migrate(conn, database=db)
             assert [m.label for m in applied] == EXPECTED
             assert migrate(conn, database=db) == []
@@ -104,6 +109,7 @@ def test_migrate_applies_everything_in_order_once_and_records_checksums(mariadb_
             (1, "core_schema", MigrationState.APPLIED),
             (2, "atm_procedures", MigrationState.APPLIED),
             (3, "reporting_indexes", MigrationState.APPLIED),
+            (4, "face_template_per_model", MigrationState.APPLIED),
         ]
         recorded = mariadb_server.execute(
             "SELECT version, checksum FROM schema_migrations ORDER BY version", database=db
@@ -140,7 +146,7 @@ def test_a_changed_applied_migration_stops_the_run_before_anything_is_applied(
             migrate(conn, database=db, sql_dir=sql)
             first = sql / "migrations" / "0001_core_schema.sql"
             first.write_text(first.read_text() + "\n-- edited after it was applied\n")
-            (sql / "migrations" / "0004_new_table.sql").write_text("CREATE TABLE IF NOT EXISTS t4 (x INT);\n")
+            (sql / "migrations" / "0005_new_table.sql").write_text("CREATE TABLE IF NOT EXISTS t4 (x INT);\n")
             with pytest.raises(MigrationError, match="0001_core_schema: file changed since it was applied"):
                 migrate(conn, database=db, sql_dir=sql)
             states = {s.name: s.state for s in migration_status(conn, database=db, sql_dir=sql)}
@@ -167,18 +173,18 @@ def test_an_applied_migration_whose_file_is_gone_is_reported_and_refused(
             states = [s.state for s in migration_status(conn, database=db, sql_dir=sql)]
         finally:
             conn.close()
-        assert states == [MigrationState.APPLIED, MigrationState.APPLIED, MigrationState.MISSING]
+        assert states == [MigrationState.APPLIED] * 2 + [MigrationState.MISSING, MigrationState.APPLIED]
 
 
 def test_a_failing_migration_is_named_and_not_recorded(mariadb_server: ThrowawayMariaDB, tmp_path: Path):
     sql = _copy_sql(tmp_path)
-    (sql / "migrations" / "0004_broken.sql").write_text(
+    (sql / "migrations" / "0005_broken.sql").write_text(
         "CREATE TABLE IF NOT EXISTS ok4 (x INT);\nSELEC oops;\n"
     )
     with throwaway_database(mariadb_server, "mig_broken") as db:
         conn = mariadb_server.admin_connect()
         try:
-            with pytest.raises(MigrationError, match=r"0004_broken.sql: statement 2 \('SELEC oops'\) failed"):
+            with pytest.raises(MigrationError, match=r"0005_broken.sql: statement 2 \('SELEC oops'\) failed"):
                 migrate(conn, database=db, sql_dir=sql)
             states = {s.name: s.state for s in migration_status(conn, database=db, sql_dir=sql)}
         finally:
@@ -196,11 +202,11 @@ def test_migrate_regrants_atms_after_procedures_are_recreated(
         central = CentralTestDB.create(mariadb_server, db)
         login = central.add_atm()
         shutil.copy(
-            sql / "migrations" / "0002_atm_procedures.sql", sql / "migrations" / "0004_procedures_again.sql"
+            sql / "migrations" / "0002_atm_procedures.sql", sql / "migrations" / "0005_procedures_again.sql"
         )
         conn = mariadb_server.admin_connect()
         try:
-            assert [m.label for m in migrate(conn, database=db, sql_dir=sql)] == ["0004_procedures_again"]
+            assert [m.label for m in migrate(conn, database=db, sql_dir=sql)] == ["0005_procedures_again"]
         finally:
             conn.close()
         atm = central.atm_connect(login)
@@ -258,3 +264,50 @@ def test_accounts_have_no_column_for_a_pan_or_a_pin(central_db: CentralTestDB):
         "max_pin_attempts",
     } <= columns
     assert not {"pan", "pin", "card_number", "track2"} & columns
+
+
+def test_face_templates_become_one_per_account_and_model_keeping_the_newest(
+    mariadb_server: ThrowawayMariaDB, tmp_path: Path
+):
+    sql = _copy_sql(tmp_path)
+    upgrade = sql / "migrations" / "0004_face_template_per_model.sql"
+    held_back = upgrade.read_bytes()
+    upgrade.unlink()
+    with throwaway_database(mariadb_server, "mig_templates") as db:
+        conn = mariadb_server.admin_connect()
+        try:
+            migrate(conn, database=db, sql_dir=sql)  # a server from before 0004
+            with conn.cursor() as cursor:
+                cursor.execute(f"USE `{db}`")
+                cursor.execute(
+                    "INSERT INTO accounts (pan_hmac, pan_masked, pin_salt, pin_verifier, pin_kdf, status)"
+                    " VALUES (%s, '400000******0002', %s, %s, 'test', 'active')",
+                    (b"\x01" * 32, b"\x02" * 16, b"\x03" * 32),
+                )
+                account_id = cursor.lastrowid
+                rows = [("sface@aaaa", b"old"), ("sface@aaaa", b"new"), ("sface@bbbb", b"other model")]
+                cursor.executemany(
+                    "INSERT INTO face_templates (account_id, model_id, template, consent)"
+                    " VALUES (%s, %s, %s, TRUE)",
+                    [(account_id, model, blob) for model, blob in rows],
+                )
+            conn.commit()
+            upgrade.write_bytes(held_back)
+            assert [m.label for m in migrate(conn, database=db, sql_dir=sql)] == [
+                "0004_face_template_per_model"
+            ]
+            kept = mariadb_server.execute(
+                "SELECT model_id, template FROM face_templates ORDER BY model_id", database=db
+            )
+            with conn.cursor() as cursor, pytest.raises(pymysql.err.IntegrityError, match="Duplicate"):
+                cursor.execute(
+                    "INSERT INTO face_templates (account_id, model_id, template, consent)"
+                    " VALUES (%s, 'sface@aaaa', 'second', TRUE)",
+                    (account_id,),
+                )
+        finally:
+            conn.close()
+    assert [(model, bytes(blob)) for model, blob in kept] == [
+        ("sface@aaaa", b"new"),
+        ("sface@bbbb", b"other model"),
+    ]

@@ -201,6 +201,7 @@ def test_unknown_role_and_missing_manifest_are_model_errors(tmp_path, model_path
 def _fake_wheel(tmp_path: Path, model_bytes: bytes) -> tuple[Path, Path]:
     """A wheel holding ``model_bytes`` and a manifest pinning that wheel's hash (real model hash kept)."""
     manifest = json.loads((MODELS_DIR / "manifest.json").read_text())
+    manifest["models"] = manifest["models"][:1]  # the detector alone: the others would need PyPI
     source = manifest["models"][0]["source"]
     wheel = tmp_path / source["wheel"]
     with zipfile.ZipFile(wheel, "w") as archive:

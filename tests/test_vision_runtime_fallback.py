@@ -56,7 +56,7 @@ def _fallback_outputs(model_path: Path, input_path: Path) -> list[np.ndarray]:
 @pytest.mark.skipif(
     sys.version_info[:2] > (3, 11), reason="tflite-runtime 2.14 has no wheel for this Python (3.8-3.11 only)"
 )
-@pytest.mark.parametrize("role", ["face_detector", "covering_classifier"])
+@pytest.mark.parametrize("role", ["face_detector", "covering_classifier", "face_embedder"])
 def test_shipped_model_runs_the_same_in_tflite_runtime(role: str, tmp_path: Path):
     assert FALLBACK_PYTHON.exists(), (
         "run `make test`: it creates .venv-tflite with tflite-runtime and numpy<2"
@@ -75,6 +75,12 @@ def test_shipped_model_runs_the_same_in_tflite_runtime(role: str, tmp_path: Path
         ]
         assert len(fallback) == len(primary)
         for got, expected in zip(fallback, primary, strict=True):
+            if role == "face_embedder":
+                # Activations are quantised at run time by each runtime's own kernels: the embedding's
+                # direction is what matching uses, so compare by cosine.
+                cosine = float(got @ expected / (np.linalg.norm(got) * np.linalg.norm(expected)))
+                assert cosine >= 0.98, cosine
+                continue
             # int8 outputs may differ by one quantisation step between kernels; floats by rounding.
             tolerance = (
                 1.0 if role == "covering_classifier" else 1e-2 * max(1.0, float(np.abs(expected).max()))

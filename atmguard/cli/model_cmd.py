@@ -1,4 +1,4 @@
-"""`atmguard model eval DIR`: the vision pipeline's accuracy and speed on labelled images.
+"""`atmguard model eval DIR` / `eval-identity DIR`: the vision models' accuracy and speed on labelled images.
 
 Also holds the small helpers the vision commands share (settings and models directory), so
 ``bench`` finds the models the same way. Nothing heavy is imported until a handler runs.
@@ -22,6 +22,7 @@ from atmguard.cli.common import (
     command_settings,
     config_is_explicit,
 )
+from atmguard.cli.progress import Progress
 
 if TYPE_CHECKING:
     from atmguard.config import Settings
@@ -98,7 +99,7 @@ def _fraction(text: str) -> float:
 
 
 def register(commands: argparse._SubParsersAction) -> None:
-    """Add ``model`` (with ``eval``) to the top-level sub-commands."""
+    """Add ``model`` (with ``eval``, ``detect`` and ``eval-identity``) to the top-level sub-commands."""
     model = commands.add_parser("model", help="evaluate the vision models on labelled images")
     model_commands = model.add_subparsers(dest="model_command", metavar="SUBCOMMAND")
 
@@ -166,6 +167,46 @@ def register(commands: argparse._SubParsersAction) -> None:
     add_models_dir_option(detect)
     detect.set_defaults(handler=_detect)
 
+    identity = model_commands.add_parser(
+        "eval-identity",
+        help="face verification error rates on DIR/<person>/ images, at the shipped thresholds",
+        description=(
+            "Every image is handled as a camera frame (padded like `model eval`): primary face, "
+            "alignment, quality gates, embedding. Pairs of accepted images give genuine and impostor "
+            "scores; templates from each person's first --template-images images are compared with "
+            "the rest (how the ATM uses them). Figures are also given per source (folder name up to "
+            "the first '_'). --calibrate derives the two thresholds from the calibration half of the "
+            "persons (fixed --seed, split per source) and reports the validation half."
+        ),
+    )
+    identity.add_argument("dir", metavar="DIR", help="folder with one sub-folder of images per person")
+    identity.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
+    identity.add_argument(
+        "--split",
+        choices=("all", "calibration", "validation"),
+        default="all",
+        help="only the persons of this half of the --seed split (default: all persons)",
+    )
+    identity.add_argument(
+        "--calibrate",
+        action="store_true",
+        help="derive match/mismatch thresholds from the calibration persons; report the validation persons",
+    )
+    identity.add_argument("--seed", type=int, help="person split seed (default: the shipped calibration's)")
+    identity.add_argument(
+        "--template-images",
+        type=positive_int,
+        default=3,
+        help="images per person that make the template (default 3)",
+    )
+    identity.add_argument("--match-threshold", type=float, help="override the shipped match threshold")
+    identity.add_argument("--mismatch-threshold", type=float, help="override the shipped mismatch threshold")
+    identity.add_argument(
+        "--limit", type=positive_int, metavar="N", help="only the first N images of each person"
+    )
+    add_models_dir_option(identity)
+    identity.set_defaults(handler=_eval_identity)
+
 
 def _detect(args: argparse.Namespace) -> int:
     from atmguard.vision.evaluate import camera_frame
@@ -225,11 +266,7 @@ def _run_eval(args: argparse.Namespace) -> int:
     settings = vision_settings(args)
     threshold = DEFAULT_COVERED_THRESHOLD if args.threshold is None else args.threshold
     min_face_px = DEFAULT_MIN_FACE_PX if args.min_face_px is None else args.min_face_px
-    show_progress = sys.stderr.isatty()  # a counter, never mixed into stdout (which may be JSON)
-
-    def progress(done: int, total: int) -> None:
-        if done == total or done % 25 == 0:
-            print(f"\r{done}/{total} images", end="\n" if done == total else "", file=sys.stderr, flush=True)
+    progress = Progress("eval", unit="images")  # stderr: stdout may be JSON
 
     try:
         pipeline = VisionPipeline.from_settings(settings, num_threads=args.threads, min_face_px=min_face_px)
@@ -242,9 +279,10 @@ def _run_eval(args: argparse.Namespace) -> int:
                 threshold=threshold,
                 pad_fraction=args.pad,
                 limit_per_class=args.limit,
-                progress=progress if show_progress else None,
+                progress=progress.update,
                 settings={"runtime": info.name, "runtime_version": info.version, "threads": threads},
             )
+        progress.finish()
     except ModelError as exc:
         raise CommandFailed(EX_UNAVAILABLE, str(exc)) from None
     if args.details:
@@ -288,4 +326,133 @@ def format_table(result: dict[str, Any]) -> str:
         f"  unreadable files              {result['unreadable_n']}",
     ]
     lines += [f"    {entry}" for entry in result["unreadable"]]
+    return "\n".join(lines)
+
+
+def _eval_identity(args: argparse.Namespace) -> int:
+    try:
+        return _run_eval_identity(args)
+    except CommandFailed as exc:
+        print(f"atmguard model eval-identity: {exc}", file=sys.stderr)
+        return exc.exit_code
+
+
+def _run_eval_identity(args: argparse.Namespace) -> int:
+    from atmguard.vision import identity_eval as ie
+    from atmguard.vision.detector import FaceDetector
+    from atmguard.vision.embedder import DEFAULT_MATCH_THRESHOLD, DEFAULT_MISMATCH_THRESHOLD, FaceEmbedder
+    from atmguard.vision.runtime import ModelError, runtime_info
+
+    try:
+        persons = list(ie.list_persons(args.dir))  # a wrong DIR is reported before the models are loaded
+    except ie.IdentityDatasetError as exc:
+        raise CommandFailed(EX_NOINPUT, str(exc)) from None
+    seed = ie.DEFAULT_SPLIT_SEED if args.seed is None else args.seed
+    chosen = None
+    if args.split != "all" and not args.calibrate:
+        split = ie.split_persons(persons, seed=seed)
+        chosen = {person for person, side in split.items() if side == args.split}
+    match = DEFAULT_MATCH_THRESHOLD if args.match_threshold is None else args.match_threshold
+    mismatch = DEFAULT_MISMATCH_THRESHOLD if args.mismatch_threshold is None else args.mismatch_threshold
+    if not -1.0 <= mismatch < match <= 1.0:
+        raise CommandFailed(
+            EX_USAGE, f"need -1 <= mismatch threshold ({mismatch}) < match threshold ({match}) <= 1"
+        )
+    settings = vision_settings(args)
+    progress = Progress("eval-identity", unit="images")  # stderr: stdout may be JSON
+
+    try:
+        # One thread: the figure the issue's speed target is about, and what the daemon gives it.
+        with (
+            FaceDetector.from_settings(settings, num_threads=1) as detector,
+            FaceEmbedder.from_settings(settings, num_threads=1) as embedder,
+        ):
+            data = ie.embed_dir(
+                detector,
+                embedder,
+                args.dir,
+                persons=chosen,
+                limit_per_person=args.limit,
+                progress=progress.update,
+            )
+            info = runtime_info()
+            data.settings.update(
+                {"runtime": info.name, "runtime_version": info.version, "threads": 1, "split": args.split}
+            )
+            data.settings["model_sha256"] = embedder.model_sha256
+        progress.finish()
+    except ModelError as exc:
+        raise CommandFailed(EX_UNAVAILABLE, str(exc)) from None
+    try:
+        if args.calibrate:
+            result = ie.calibrate(data, seed=seed, template_images=args.template_images)
+        else:
+            result = ie.report(
+                data, match_threshold=match, mismatch_threshold=mismatch, template_images=args.template_images
+            )
+            result["seed"] = seed
+    except ie.IdentityDatasetError as exc:
+        raise CommandFailed(EX_NOINPUT, str(exc)) from None
+    if args.json:
+        print(json.dumps(result))
+    else:
+        print(format_identity_table(result))
+    return EX_OK
+
+
+def _num(value: Any, fmt: str = ".4f") -> str:
+    return "n/a" if value is None else format(value, fmt)
+
+
+def format_identity_table(result: dict[str, Any]) -> str:
+    """The human-readable form of an eval-identity (or --calibrate) result."""
+    lines: list[str] = []
+    if "validation" in result:
+        q = result["calibration_quantiles"]
+        lines += [
+            f"calibration (seed {result['seed']}): {len(result['calibration_persons'])} calibration persons, "
+            f"{len(result['validation_persons'])} validation persons",
+            f"  match_threshold    {result['match_threshold']:+.2f}  (impostor 99.9% quantile, 95th pct of subsets: "
+            f"pairs {q['impostor_q999_pairs_p95']:+.3f}, template {q['impostor_q999_template_p95']:+.3f})",
+            f"  mismatch_threshold {result['mismatch_threshold']:+.2f}  (genuine 0.1% tail, 5th pct of subsets, by source: "
+            + ", ".join(f"{k} {v:+.3f}" for k, v in q["genuine_tail_by_source_p5"].items())
+            + f"; minus margin {q['generalisation_margin']:.2f})",
+            "",
+            "validation persons:",
+        ]
+        result = result["validation"]
+    rejected = ", ".join(f"{k} {v}" for k, v in result["rejected_quality"].items()) or "none"
+    lines += [
+        f"eval-identity: {result['dir']} ({result['split']} persons)",
+        f"  {result['persons']} persons, {result['images']} images: {result['accepted']} accepted, "
+        f"{result['no_face']} without a face, rejected by quality: {rejected}",
+        f"  thresholds: match >= {result['match_threshold']:+.2f}, mismatch < {result['mismatch_threshold']:+.2f}; "
+        f"template from {result['template_images']} images",
+        f"  embedding p50 {_num(result['ms_per_embedding_p50'], '.2f')} ms, "
+        f"alignment p50 {_num(result['ms_per_alignment_p50'], '.2f')} ms "
+        f"({result['runtime']} {result['runtime_version']}, 1 thread)",
+        "",
+    ]
+    columns = (
+        ("genuine", "genuine_pairs", "d"),
+        ("impostor", "impostor_pairs", "d"),
+        ("EER", "eer", ".4f"),
+        ("TAR@1e-2", "tar_at_far_1e-2", ".4f"),
+        ("TAR@1e-3", "tar_at_far_1e-3", ".4f"),
+        ("TAR@match", "tar_at_match_threshold", ".4f"),
+        ("FAR@match", "far_at_match_threshold", ".4f"),
+        ("gen->MISM", "genuine_rejected_as_mismatch", ".4f"),
+        ("imp->MISM", "impostor_called_mismatch", ".4f"),
+    )
+    lines.append(f"  {'set':<16}" + "".join(f"{title:>11}" for title, _, _ in columns))
+    rows = [("all", result), *sorted(result.get("per_source", {}).items())]
+    for name, row in rows:
+        for prefix, label in (("", "pairs"), ("template_", "template")):
+            cells = "".join(f"{_num(row.get(prefix + key), fmt):>11}" for _, key, fmt in columns)
+            lines.append(f"  {name + ' ' + label:<16}{cells}")
+    if result["problems"]:
+        lines += ["", f"  {len(result['problems'])} image(s) left out:"]
+        lines += [f"    {entry}" for entry in result["problems"][:20]]
+        if len(result["problems"]) > 20:
+            lines.append(f"    ... {len(result['problems']) - 20} more (see --json)")
     return "\n".join(lines)
