@@ -7,7 +7,7 @@ import dataclasses
 
 import pytest
 
-from atmguard.config import SessionSettings, Settings
+from atmguard.config import SessionSettings, Settings, VerificationSettings
 from atmguard.hardware.display import Prompt
 from atmguard.session import events as ev
 from atmguard.session.actions import (
@@ -29,6 +29,7 @@ from atmguard.session.actions import (
     Stop,
     StopPinEntry,
     TakeSnapshot,
+    VerifyFace,
     VerifyPin,
 )
 from atmguard.session.events import CardCheck, Component, SnapshotKind
@@ -108,6 +109,19 @@ def test_policy_from_settings_copies_the_session_section() -> None:
     )
     policy = Policy.from_settings(Settings(session=session))
     assert policy == Policy(12.0, 7.0, 99.0, False, False, False, True)
+
+
+def test_policy_from_settings_copies_the_verification_section() -> None:
+    verification = VerificationSettings(
+        enabled=False, require_template=True, retain_mismatch=False, attempts=5
+    )
+    policy = Policy.from_settings(Settings(verification=verification))
+    assert (policy.verify_face, policy.require_face_template, policy.retain_face_mismatch) == (
+        False,
+        True,
+        False,
+    )
+    assert policy.face_verify_attempts == 5
 
 
 def test_policy_defaults_are_the_config_defaults() -> None:
@@ -784,3 +798,110 @@ def test_events_out_of_place_while_idle_are_ignored(event: ev.Event) -> None:
     before: SessionState = atm.state
     assert atm.send(event, after_s=10_000.0) == []
     assert atm.state == before
+
+
+# --- identity: the face against the account holder's template (issue 7) ---------------------------
+
+VERIFY = Policy(verify_face=True)
+
+
+def identity_session(atm: Atm, *, template: bool | None = True) -> list[Action]:
+    """Card ACTIVE (with or without a template), PIN accepted, evidence stored; the last step's actions."""
+    atm.insert()
+    actions = atm.send(ev.CardStatusChecked(CardStatus.ACTIVE, face_template=template))
+    atm.send(ev.PinSubmitted(4))
+    actions += atm.send(ev.PinVerified(PinResult.OK, 3))
+    return actions + atm.send(ev.SnapshotStored(SnapshotKind.EVIDENCE, "snap-1"))
+
+
+def test_with_a_template_approval_waits_for_a_match() -> None:
+    atm = Atm(VERIFY, face=UNCOVERED)
+    actions = identity_session(atm)
+    assert ev_verify(actions) == [SID] and publishes(actions) == []  # everything else is there
+    actions = atm.send(ev.FaceVerified(SID, ev.IdentityVerdict.MATCH, 0.71))
+    assert publishes(actions) == [Decision(SID, Outcome.APPROVE, Reason.APPROVED, PAN)]
+
+
+def ev_verify(actions: list[Action]) -> list[str]:
+    return [a.session_id for a in actions if isinstance(a, VerifyFace)]
+
+
+def test_verification_is_asked_only_once_the_face_is_uncovered() -> None:
+    atm = Atm(VERIFY, face=COVERED)
+    atm.insert()
+    assert ev_verify(atm.send(ev.CardStatusChecked(CardStatus.ACTIVE, face_template=True))) == []
+    assert ev_verify(atm.send(ev.FaceChanged(UNCOVERED, 1))) == [SID]
+    # Asked once: flickering back and forth does not queue more requests.
+    atm.send(ev.FaceChanged(COVERED, 1))
+    assert ev_verify(atm.send(ev.FaceChanged(UNCOVERED, 1))) == []
+
+
+def test_a_confident_mismatch_retains_the_card_with_fraud_evidence() -> None:
+    atm = Atm(VERIFY, face=UNCOVERED)
+    identity_session(atm)
+    actions = atm.send(ev.FaceVerified(SID, ev.IdentityVerdict.MISMATCH, -0.2))
+    assert publishes(actions) == [Decision(SID, Outcome.RETAIN, Reason.FACE_MISMATCH, PAN)]
+    assert TakeSnapshot(SnapshotKind.FRAUD, "face_mismatch") in actions
+    assert RetainCard(Reason.FACE_MISMATCH) in actions and atm.phase is Phase.RETAINING
+
+
+def test_a_mismatch_only_declines_when_the_bank_turned_retention_off() -> None:
+    atm = Atm(Policy(verify_face=True, retain_face_mismatch=False), face=UNCOVERED)
+    identity_session(atm)
+    actions = atm.send(ev.FaceVerified(SID, ev.IdentityVerdict.MISMATCH, -0.2))
+    assert deny(Reason.FACE_MISMATCH) in actions and EjectCard() in actions
+    assert not any(isinstance(a, RetainCard) for a in actions)
+    assert TakeSnapshot(SnapshotKind.FRAUD, "face_mismatch") in actions
+
+
+def test_unsure_asks_to_look_at_the_camera_then_declines_without_retaining() -> None:
+    atm = Atm(Policy(verify_face=True, face_verify_attempts=2), face=UNCOVERED)
+    identity_session(atm)
+    actions = atm.send(ev.FaceVerified(SID, ev.IdentityVerdict.UNSURE, 0.2))
+    assert Show(Prompt.LOOK_AT_CAMERA) in actions and ev_verify(actions) == [SID] and publishes(actions) == []
+    actions = atm.send(ev.FaceVerified(SID, ev.IdentityVerdict.UNSURE, 0.25))
+    assert deny(Reason.FACE_UNVERIFIED) in actions and EjectCard() in actions
+    assert not any(isinstance(a, RetainCard) for a in actions)
+
+
+def test_unsure_then_match_approves() -> None:
+    atm = Atm(VERIFY, face=UNCOVERED)
+    identity_session(atm)
+    atm.send(ev.FaceVerified(SID, ev.IdentityVerdict.UNSURE, 0.3))
+    actions = atm.send(ev.FaceVerified(SID, ev.IdentityVerdict.MATCH, 0.6))
+    assert publishes(actions)[0].outcome is Outcome.APPROVE
+
+
+def test_an_answer_for_another_session_or_unasked_is_ignored() -> None:
+    atm = Atm(VERIFY, face=UNCOVERED)
+    identity_session(atm)
+    assert atm.send(ev.FaceVerified("previous-session", ev.IdentityVerdict.MATCH, 0.9)) == []
+    atm.send(ev.FaceVerified(SID, ev.IdentityVerdict.UNSURE, 0.3))  # answers ours; asks again
+    atm.send(ev.FaceVerified(SID, ev.IdentityVerdict.MATCH, 0.8))  # approved
+    later = Atm(VERIFY, face=UNCOVERED)
+    later.insert()
+    assert later.send(ev.FaceVerified(SID, ev.IdentityVerdict.MATCH, 0.9)) == []  # never asked
+
+
+@pytest.mark.parametrize(("require", "outcome"), [(False, Outcome.APPROVE), (True, Outcome.DENY)])
+def test_an_account_without_a_template_follows_the_policy(require: bool, outcome: Outcome) -> None:
+    atm = Atm(Policy(verify_face=True, require_face_template=require), face=UNCOVERED)
+    actions = identity_session(atm, template=False)
+    assert ev_verify(actions) == []
+    decisions = publishes(actions)
+    assert decisions[0].outcome is outcome
+    if require:
+        assert decisions[0].reason is Reason.NOT_ENROLLED
+
+
+def test_verification_on_but_template_unknown_fails_closed() -> None:
+    atm = Atm(VERIFY, face=UNCOVERED)
+    atm.insert()
+    actions = atm.send(ev.CardStatusChecked(CardStatus.ACTIVE, face_template=None))
+    assert deny(Reason.FACE_UNVERIFIED) in actions
+
+
+def test_with_verification_off_a_template_changes_nothing() -> None:
+    atm = Atm(Policy(verify_face=False), face=UNCOVERED)
+    actions = identity_session(atm, template=True)
+    assert ev_verify(actions) == [] and publishes(actions)[0].outcome is Outcome.APPROVE

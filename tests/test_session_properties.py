@@ -30,6 +30,7 @@ from atmguard.session.actions import (
     SetCardEntry,
     Stop,
     TakeSnapshot,
+    VerifyFace,
     VerifyPin,
 )
 from atmguard.session.events import CardCheck, Component, SnapshotKind
@@ -48,6 +49,10 @@ policies = st.builds(
     retain_pin_exhausted=st.booleans(),
     retain_forgotten_card=st.booleans(),
     pause_pin_on_multiple_faces=st.booleans(),
+    verify_face=st.booleans(),
+    require_face_template=st.booleans(),
+    retain_face_mismatch=st.booleans(),
+    face_verify_attempts=st.integers(1, 3),
 )
 # Mostly small steps, sometimes exactly a timeout, sometimes a jump far past every deadline.
 delays = st.sampled_from([0.0] * 8 + [0.05, 0.5, 1.0, 1.0, 5.0, 30.0, 61.0, 200.0, 10_000.0]) | st.floats(
@@ -61,7 +66,13 @@ any_event: st.SearchStrategy[ev.Event] = st.one_of(
     st.just(ev.CardEjected()),
     st.just(ev.CardTaken()),
     st.builds(ev.CardRetained, st.sampled_from([True, False, None])),
-    st.builds(ev.CardStatusChecked, st.sampled_from(list(CardStatus))),
+    st.builds(ev.CardStatusChecked, st.sampled_from(list(CardStatus)), st.sampled_from([None, True, False])),
+    st.builds(
+        ev.FaceVerified,
+        st.sampled_from(["s-1", "s-2", "s-3", "other"]),
+        st.sampled_from(list(ev.IdentityVerdict)),
+        st.floats(-1, 1),
+    ),
     st.builds(ev.PinVerified, st.sampled_from(list(PinResult)), st.none() | st.integers(0, 3)),
     st.builds(ev.CentralUnavailable, st.sampled_from(["card_status", "pin", "other"]), st.just("refused")),
     st.builds(ev.PinKeyed, st.integers(0, 12)),
@@ -94,6 +105,9 @@ class SessionMachineModel(RuleBasedStateMachine):
         self.status: dict[str, CardStatus] = {}
         self.pin: dict[str, PinResult] = {}
         self.evidence: set[str] = set()
+        self.templates: dict[str, bool | None] = {}
+        self.identity_asked: set[str] = set()
+        self.identity: dict[str, ev.IdentityVerdict] = {}
         self.publishes: Counter[str] = Counter()
         self.ejected: set[str] = set()
         self.fraud_retained: set[str] = set()
@@ -126,6 +140,10 @@ class SessionMachineModel(RuleBasedStateMachine):
         # Attribute the answer before the step: the step may approve on it.
         if isinstance(event, ev.CardStatusChecked) and (sid := self.answer(self.status_q)):
             self.status[sid] = event.status
+            self.templates[sid] = event.face_template
+        elif isinstance(event, ev.FaceVerified) and event.session_id in self.identity_asked:
+            self.identity_asked.discard(event.session_id)
+            self.identity[event.session_id] = event.verdict
         elif isinstance(event, ev.PinVerified) and (sid := self.answer(self.pin_q)):
             self.pin[sid] = event.result
         elif isinstance(event, ev.CentralUnavailable) and event.during in ("card_status", "pin"):
@@ -166,9 +184,19 @@ class SessionMachineModel(RuleBasedStateMachine):
                     assert self.status.get(sid) is CardStatus.ACTIVE
                     assert self.pin.get(sid) is PinResult.OK
                     assert sid in self.evidence
+                    policy = before.session.policy if before.session else before.policy
+                    if policy.verify_face:  # invariant 1b: the face is the account holder's
+                        assert self.templates.get(sid) is not None
+                        assert (
+                            self.templates[sid] is False or self.identity.get(sid) is ev.IdentityVerdict.MATCH
+                        )
+                        assert self.templates[sid] or not policy.require_face_template
             elif isinstance(action, RetainCard):  # invariant 2
                 assert action.reason in RETAIN_REASONS
-                if action.reason is Reason.HOT_LISTED:
+                if action.reason is Reason.FACE_MISMATCH:
+                    assert self.identity.get(sid) is ev.IdentityVerdict.MISMATCH
+                    self.fraud_retained.add(sid)
+                elif action.reason is Reason.HOT_LISTED:
                     assert (
                         self.status.get(sid) is CardStatus.HOT_LISTED
                         or self.pin.get(sid) is PinResult.HOT_LISTED
@@ -184,6 +212,10 @@ class SessionMachineModel(RuleBasedStateMachine):
                 assert sid not in self.fraud_retained
                 if after.session_id is not None:
                     self.ejected.add(sid)
+            elif isinstance(action, VerifyFace):
+                assert action.session_id == sid and self.templates.get(sid) is True
+                assert self.status.get(sid) is CardStatus.ACTIVE and self.face is FaceState.UNCOVERED
+                self.identity_asked.add(sid)
             elif isinstance(action, VerifyPin):
                 assert not self.pin_q, "VerifyPin while another is outstanding"
                 assert self.status.get(sid) is CardStatus.ACTIVE
@@ -215,7 +247,11 @@ class SessionMachineModel(RuleBasedStateMachine):
                 and current in self.evidence
                 and self.face is FaceState.UNCOVERED
             )
-            assert not ready, "all four conditions hold but no decision"
+            session = after.session
+            assert session is not None
+            if session.policy.verify_face and self.templates.get(current) is not False:
+                ready = ready and self.identity.get(current) is ev.IdentityVerdict.MATCH
+            assert not ready, "every condition holds but no decision"
 
     @invariant()
     def phases_are_consistent(self) -> None:
@@ -280,12 +316,21 @@ class SessionMachineModel(RuleBasedStateMachine):
         options: list[ev.Event] = []
         current = state.session_id
         good_answers = [
-            (self.status_q, ev.CardStatusChecked(CardStatus.ACTIVE)),
+            (self.status_q, ev.CardStatusChecked(CardStatus.ACTIVE, face_template=True)),
             (self.pin_q, ev.PinVerified(PinResult.OK, 3)),
             (self.evidence_q, ev.SnapshotStored(SnapshotKind.EVIDENCE, "uuid-e")),
         ]
         # Answers for this session first; an earlier session's answer is the slow one, it comes last.
         options += [answer for queue, answer in good_answers if queue and queue[0][0] == current]
+        if current in self.identity_asked:
+            options.append(ev.FaceVerified(current, ev.IdentityVerdict.MATCH, 0.7))
+            if pick is not None:
+                options += [
+                    ev.FaceVerified(current, ev.IdentityVerdict.UNSURE, 0.3),
+                    ev.FaceVerified(current, ev.IdentityVerdict.MISMATCH, -0.2),
+                ]
+        if pick is not None and self.status_q:
+            options.append(ev.CardStatusChecked(CardStatus.ACTIVE, face_template=False))
         if pick is not None:  # the bank and the camera also have bad days
             if self.status_q:
                 options.append(ev.CardStatusChecked(CardStatus.HOT_LISTED))

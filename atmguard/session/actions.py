@@ -38,6 +38,9 @@ class Reason(enum.Enum):
     OUT_OF_SERVICE = "out_of_service"
     SHUTDOWN = "shutdown"
     CARD_REMOVED = "card_removed"  # the card left the reader before a decision (pulled out, reader reset)
+    FACE_MISMATCH = "face_mismatch"  # confidently not the account holder: fraud
+    FACE_UNVERIFIED = "face_unverified"  # the face could not be confirmed in the attempts allowed
+    NOT_ENROLLED = "not_enrolled"  # no face template, and the policy requires one
 
 
 @dataclass(frozen=True, slots=True)
@@ -92,6 +95,13 @@ class StopPinEntry(Action):
 @dataclass(frozen=True, slots=True)
 class VerifyPin(Action):
     """Send the buffered PIN's derived value to the bank; the buffer is wiped afterwards."""
+
+
+@dataclass(frozen=True, slots=True)
+class VerifyFace(Action):
+    """Compare the next uncovered frames of ``session_id`` with the card's face template."""
+
+    session_id: str
 
 
 @dataclass(frozen=True, slots=True)

@@ -37,6 +37,8 @@ class Bank(Protocol):
 
     def check_pin(self, card: CardRead, pin: PinBuffer) -> PinCheck: ...
 
+    def face_templates(self, card: CardRead, model_id: str) -> list[bytes]: ...
+
 
 class CentralBank(Managed):
     """:class:`Bank` over the central MySQL server (the production backend)."""
@@ -85,6 +87,13 @@ class CentralBank(Managed):
         finally:
             pin.wipe()
 
+    def face_templates(self, card: CardRead, model_id: str) -> list[bytes]:
+        """The account holder's consented templates for this model (only the card held can be asked)."""
+        try:
+            return self._store.face_templates(self._card_key(card), model_id=model_id)
+        except CentralError as exc:
+            raise BankUnavailable(f"face template: {exc}") from exc
+
 
 class OfflineBank:
     """``central.enabled = false``: there is no bank to ask, so every question fails closed."""
@@ -100,4 +109,7 @@ class OfflineBank:
 
     def check_pin(self, card: CardRead, pin: PinBuffer) -> PinCheck:
         pin.wipe()
+        raise BankUnavailable("no central server configured (central.enabled = false)")
+
+    def face_templates(self, card: CardRead, model_id: str) -> list[bytes]:
         raise BankUnavailable("no central server configured (central.enabled = false)")

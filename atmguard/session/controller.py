@@ -22,7 +22,7 @@ from collections import deque
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from atmguard.errors import AtmguardError
 from atmguard.hardware.actuator import Actuator
@@ -45,7 +45,12 @@ from atmguard.session.bank import Bank, BankUnavailable
 from atmguard.session.machine import Phase, SessionState, start, step
 from atmguard.session.policy import Policy
 from atmguard.session.vision_loop import VisionLoop
+from atmguard.store.central import CardStatus
 from atmguard.store.journal import Journal, JournalError
+
+if TYPE_CHECKING:
+    from atmguard.session.identity import IdentityVerifier
+    from atmguard.vision.embedder import FaceTemplate
 
 logger = logging.getLogger(__name__)
 
@@ -104,9 +109,11 @@ class Controller:
         watchdog: Callable[[], None],
         tick_interval_s: float,
         shutdown_timeout_s: float,
+        identity: IdentityVerifier | None = None,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self._policy = policy
+        self._identity = identity
         self._reader = card_reader
         self._keypad = keypad
         self._actuator = actuator
@@ -125,6 +132,7 @@ class Controller:
         self._queue: queue.Queue[tuple[float, object]] = queue.Queue()
         self._state: SessionState | None = None
         self._card: CardRead | None = None
+        self._templates: list[FaceTemplate] = []  # the session card's face templates, never journaled
         self._pin_accepting = False
         self._pin_paused = False
         self._verifying = False
@@ -211,6 +219,8 @@ class Controller:
             if not self._state.in_session and self._card is not None:
                 self._card.wipe()
                 self._card = None
+                self._templates = []
+                self._vision.cancel_identity()
 
     # --- inputs -> events ------------------------------------------------------------------------
 
@@ -223,6 +233,9 @@ class Controller:
             return self._key(item)
         if isinstance(item, _VerifyDone):
             self._verifying = False
+            return [item.event]
+        if isinstance(item, _StatusDone):
+            self._templates = item.templates
             return [item.event]
         if isinstance(item, _CardArrived):
             self._take_card_read(item)
@@ -299,6 +312,12 @@ class Controller:
             )
         elif isinstance(event, ev.FaultCleared):
             self._record("hardware_recovered", {"component": event.component.value}, session_id=session_id)
+        elif isinstance(event, ev.FaceVerified):
+            self._record(
+                "face_verified",
+                {"verdict": event.verdict.value, "score": event.score},
+                session_id=event.session_id,
+            )
 
     # --- actions -------------------------------------------------------------------------------
 
@@ -334,6 +353,11 @@ class Controller:
                 self._pin.buffer.wipe()
         elif isinstance(action, act.VerifyPin):
             self._ask_bank_pin()
+        elif isinstance(action, act.VerifyFace):
+            if self._templates:
+                self._vision.request_identity(action.session_id, self._templates)
+            else:  # cannot happen unless the machine and the bank disagree: never a match
+                self.post(ev.FaceVerified(action.session_id, ev.IdentityVerdict.UNSURE))
         elif isinstance(action, act.TakeSnapshot):
             self._vision.request_snapshot(action.kind, action.reason, session_id=session_id)
         elif isinstance(action, act.EjectCard):
@@ -418,9 +442,17 @@ class Controller:
             self.post(ev.CentralUnavailable("card_status", "no card read in this session"))
             return
 
+        identity = self._identity
+
         def ask() -> None:
             try:
-                self.post(ev.CardStatusChecked(self._bank.card_status(card)))
+                status = self._bank.card_status(card)
+                templates: list[FaceTemplate] | None = []
+                if identity is not None and status is CardStatus.ACTIVE:
+                    templates = identity.usable(self._bank.face_templates(card, identity.model_id))
+                # None: verification off, or only templates of another model (the machine fails closed).
+                has_template = None if identity is None or templates is None else bool(templates)
+                self.post(_StatusDone(ev.CardStatusChecked(status, has_template), templates or []))
             except BankUnavailable as exc:
                 self.post(ev.CentralUnavailable("card_status", str(exc)))
             except Exception as exc:
@@ -542,3 +574,11 @@ class Controller:
 @dataclass(frozen=True, slots=True)
 class _VerifyDone:
     event: ev.Event
+
+
+@dataclass(frozen=True, slots=True)
+class _StatusDone:
+    """The card status, with the account's usable face templates for the controller to keep."""
+
+    event: ev.CardStatusChecked
+    templates: list[FaceTemplate]

@@ -81,6 +81,9 @@ class CardRetained(Event):
 @dataclass(frozen=True, slots=True)
 class CardStatusChecked(Event):
     status: CardStatus
+    face_template: bool | None = False
+    """Whether the bank holds a consented face template for the card; None: unknown (verification
+    is off, or the templates found were made by another model and cannot be compared)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -133,6 +136,23 @@ class FaceChanged(Event):
 
     state: FaceState
     face_count: int
+
+
+class IdentityVerdict(enum.Enum):
+    """The face compared with the account holder's template (thresholds in ``[verification]``)."""
+
+    MATCH = "match"
+    MISMATCH = "mismatch"  # confident: fraud
+    UNSURE = "unsure"  # between the thresholds, or no good frame in time: ask again
+
+
+@dataclass(frozen=True, slots=True)
+class FaceVerified(Event):
+    """The answer to ``VerifyFace`` for ``session_id``; ``score`` is the cosine similarity."""
+
+    session_id: str
+    verdict: IdentityVerdict
+    score: float | None = None
 
 
 @dataclass(frozen=True, slots=True)

@@ -53,6 +53,7 @@ from atmguard.session.actions import (
     Stop,
     StopPinEntry,
     TakeSnapshot,
+    VerifyFace,
     VerifyPin,
 )
 from atmguard.session.events import (
@@ -66,8 +67,10 @@ from atmguard.session.events import (
     Component,
     Event,
     FaceChanged,
+    FaceVerified,
     FaultCleared,
     FaultRaised,
+    IdentityVerdict,
     PinCancelled,
     PinEntryTimedOut,
     PinKeyed,
@@ -85,7 +88,9 @@ from atmguard.store.central import CardStatus, PinResult
 from atmguard.vision.tracker import FaceState
 
 # The only reasons the actuator may ever fire for (covering a face never retains a card).
-RETAIN_REASONS = frozenset({Reason.HOT_LISTED, Reason.PIN_ATTEMPTS_EXHAUSTED, Reason.FORGOTTEN_CARD})
+RETAIN_REASONS = frozenset(
+    {Reason.HOT_LISTED, Reason.PIN_ATTEMPTS_EXHAUSTED, Reason.FORGOTTEN_CARD, Reason.FACE_MISMATCH}
+)
 
 # How many EVIDENCE snapshots may fail before the session is declined (one retry, then fail closed).
 EVIDENCE_ATTEMPTS = 2
@@ -119,6 +124,10 @@ class Session:
     pin_submitted: bool = False  # submitted; VerifyPin waits for ACTIVE and a free bank line
     verifying: bool = False  # our VerifyPin is outstanding
     pin_ok: bool = False
+    face_template: bool | None = None  # the bank holds a template for the card (None: not looked up)
+    identity_asked: bool = False  # our VerifyFace is outstanding
+    identity_unsure: int = 0  # UNSURE verdicts so far
+    identity_ok: bool = False
     evidence_requested: bool = False
     evidence_outstanding: int = 0  # our EVIDENCE snapshots not answered yet
     evidence_stored: bool = False
@@ -206,6 +215,9 @@ _DENIAL_SCREENS: dict[Reason, Show] = {
     Reason.SESSION_TIMEOUT: Show(Prompt.DENIED, detail="Session timed out - please take your card"),
     Reason.OUT_OF_SERVICE: Show(Prompt.SERVICE_UNAVAILABLE, detail=_TAKE_CARD),
     Reason.SHUTDOWN: Show(Prompt.SERVICE_UNAVAILABLE, detail=_TAKE_CARD),
+    Reason.FACE_MISMATCH: Show(Prompt.DENIED, detail=f"Face not recognised - {_TAKE_CARD.lower()}"),
+    Reason.FACE_UNVERIFIED: Show(Prompt.DENIED, detail=f"Face could not be verified - {_TAKE_CARD.lower()}"),
+    Reason.NOT_ENROLLED: Show(Prompt.DENIED, detail=f"Card not accepted - {_TAKE_CARD.lower()}"),
 }
 
 _CARD_STATUS_DENIALS = {CardStatus.CLOSED: Reason.CARD_CLOSED, CardStatus.UNKNOWN: Reason.UNKNOWN_CARD}
@@ -422,6 +434,7 @@ class _Step:
             and s.pin_ok
             and s.evidence_stored
             and self.state.face_state is FaceState.UNCOVERED
+            and (s.identity_ok or not self.identity_needed())
         ):
             self.decide(Outcome.APPROVE, Reason.APPROVED)
             self.emit(Show(Prompt.APPROVED), StopPinEntry())
@@ -591,9 +604,18 @@ class _Step:
         if not self.status_answer_is_ours() or self.phase is not Phase.SESSION:
             return
         status = event.status
-        self.set_session(card_status=status)
+        self.set_session(card_status=status, face_template=event.face_template)
         if status is CardStatus.ACTIVE:
+            policy = self.s.policy
+            if policy.verify_face and event.face_template is None:
+                # Verification is on, but nobody could say whether a template exists: fail closed.
+                self.deny(Reason.FACE_UNVERIFIED)
+                return
+            if policy.verify_face and not event.face_template and policy.require_face_template:
+                self.deny(Reason.NOT_ENROLLED)
+                return
             self.verify_pin_if_ready()
+            self.verify_face_if_ready()
             self.approve_if_ready()
         elif status is CardStatus.HOT_LISTED:
             self.hot_listed()
@@ -679,6 +701,7 @@ class _Step:
                 self.take_evidence("uncovered face")
             elif s.evidence_retry_due:
                 self.take_evidence("uncovered face (retry)")
+            self.verify_face_if_ready()
         elif s.uncover_deadline_s is None:
             # The first moment of this stretch without an uncovered face starts the clock.
             self.set_session(uncover_deadline_s=self.now + s.policy.uncover_timeout_s)
@@ -713,6 +736,54 @@ class _Step:
         ):
             self.emit(SetPinEntryPaused(True))
             self.set_session(pin_paused=True)
+
+    # --- identity -----------------------------------------------------------------------------------
+
+    def identity_needed(self) -> bool:
+        """Whether this session must match the account holder's face before approval."""
+        s = self.s
+        return s.policy.verify_face and s.face_template is not False
+
+    def verify_face_if_ready(self) -> None:
+        """Ask once the card is known to have a template and the face is uncovered."""
+        s = self.s
+        if (
+            self.phase is Phase.SESSION
+            and s.policy.verify_face
+            and s.face_template is True
+            and s.card_status is CardStatus.ACTIVE
+            and not s.identity_asked
+            and not s.identity_ok
+            and self.state.face_state is FaceState.UNCOVERED
+        ):
+            self.emit(VerifyFace(s.session_id))
+            self.set_session(identity_asked=True)
+
+    def on_face_verified(self, event: FaceVerified) -> None:
+        if (
+            self.phase is not Phase.SESSION
+            or event.session_id != self.s.session_id
+            or not self.s.identity_asked
+        ):
+            return  # an answer for another session, or one nobody asked for
+        self.set_session(identity_asked=False)
+        if event.verdict is IdentityVerdict.MATCH:
+            self.set_session(identity_ok=True)
+            self.approve_if_ready()
+        elif event.verdict is IdentityVerdict.MISMATCH:
+            if self.s.policy.retain_face_mismatch:
+                self.retain_for_fraud(Reason.FACE_MISMATCH)
+            else:
+                self.emit(TakeSnapshot(SnapshotKind.FRAUD, Reason.FACE_MISMATCH.value))
+                self.deny(Reason.FACE_MISMATCH)
+        else:
+            unsure = self.s.identity_unsure + 1
+            self.set_session(identity_unsure=unsure)
+            if unsure >= self.s.policy.face_verify_attempts:
+                self.deny(Reason.FACE_UNVERIFIED)  # never retained: the face may well be the holder's
+                return
+            self.emit(Show(Prompt.LOOK_AT_CAMERA))
+            self.verify_face_if_ready()
 
     def on_snapshot_stored(self, event: SnapshotStored) -> None:
         if event.kind is not SnapshotKind.EVIDENCE or not self.evidence_answer_is_ours():
@@ -832,6 +903,7 @@ _HANDLERS = {
     CardRetained: _Step.on_card_retained,
     CardStatusChecked: _Step.on_card_status,
     PinVerified: _Step.on_pin_verified,
+    FaceVerified: _Step.on_face_verified,
     CentralUnavailable: _Step.on_central_unavailable,
     PinKeyed: _Step.on_pin_keyed,
     PinSubmitted: _Step.on_pin_submitted,

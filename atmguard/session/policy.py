@@ -30,6 +30,13 @@ class Policy:
     retain_pin_exhausted: bool = True
     retain_forgotten_card: bool = True
     pause_pin_on_multiple_faces: bool = False
+    verify_face: bool = True
+    """Compare the face with the account holder's enrolled template (``[verification] enabled``)."""
+    require_face_template: bool = False
+    """An account without a template: False serves it on card, PIN and an uncovered face; True declines."""
+    retain_face_mismatch: bool = True
+    face_verify_attempts: int = 3
+    """UNSURE verdicts before the session is declined (never retained) as ``face_unverified``."""
 
     def __post_init__(self) -> None:
         # A zero or NaN timeout would make every deadline comparison meaningless: refuse it here
@@ -38,10 +45,14 @@ class Policy:
             value = getattr(self, name)
             if not (isinstance(value, int | float) and math.isfinite(value) and value > 0):
                 raise ValueError(f"{name} must be a finite number > 0, got {value!r}")
+        if not (isinstance(self.face_verify_attempts, int) and self.face_verify_attempts >= 1):
+            raise ValueError(
+                f"face_verify_attempts must be an integer >= 1, got {self.face_verify_attempts!r}"
+            )
 
     @classmethod
     def from_settings(cls, settings: Settings) -> Policy:
-        session = settings.session
+        session, verification = settings.session, settings.verification
         return cls(
             uncover_timeout_s=session.uncover_timeout_s,
             card_take_timeout_s=session.card_take_timeout_s,
@@ -50,4 +61,8 @@ class Policy:
             retain_pin_exhausted=session.retain_pin_exhausted,
             retain_forgotten_card=session.retain_forgotten_card,
             pause_pin_on_multiple_faces=session.pause_pin_on_multiple_faces,
+            verify_face=verification.enabled,
+            require_face_template=verification.require_template,
+            retain_face_mismatch=verification.retain_mismatch,
+            face_verify_attempts=verification.attempts,
         )

@@ -17,8 +17,10 @@ import queue
 import re
 import threading
 import time
+from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
 
@@ -28,8 +30,10 @@ from atmguard.session.events import (
     Component,
     Event,
     FaceChanged,
+    FaceVerified,
     FaultCleared,
     FaultRaised,
+    IdentityVerdict,
     SnapshotFailed,
     SnapshotKind,
     SnapshotStored,
@@ -40,12 +44,34 @@ from atmguard.vision.detector import Face
 from atmguard.vision.pipeline import FaceObservation, VisionPipeline
 from atmguard.vision.tracker import FaceState, FaceTracker
 
+if TYPE_CHECKING:
+    from atmguard.session.identity import IdentityVerifier
+    from atmguard.vision.embedder import FaceTemplate
+
 logger = logging.getLogger(__name__)
 
+FPS_WINDOW_FRAMES = 32
+"""Recent frames the camera's measured rate is computed over (status socket, ``atmguard status``)."""
 REOPEN_BACKOFF_S = 0.5
 """Pause between attempts to reopen a camera that failed, so a dead sensor does not spin a core."""
 MAIN_CAPTURE_TIMEOUT_S = 1.0
 _NOT_A_NAME = re.compile(r"[^a-z0-9_]+")
+
+
+@dataclass(frozen=True, slots=True)
+class VisionHealth:
+    """A snapshot of the loop's health figures, safe to take from any thread."""
+
+    heartbeat_age_s: float
+    """Since the loop last started a round (it goes round at least once per camera timeout)."""
+    last_frame_age_s: float | None
+    """Since the last frame arrived; None before the first one."""
+    camera_fps: float | None
+    """The sensor's rate, from the sequence numbers and exposure times of recent frames (the loop
+    reads only some of them while idle); None until two frames of one streaming run arrived."""
+    analysed_fps: float | None
+    """Frames the loop actually analysed per second, over the same recent frames."""
+    faults: tuple[str, ...]
 
 
 @dataclass(frozen=True, slots=True)
@@ -84,9 +110,15 @@ class VisionLoop:
         idle_fps: float,
         active_fps: float,
         camera_timeout_s: float,
+        identity: IdentityVerifier | None = None,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self._camera = camera
+        self._identity = identity
+        # (session id, templates) to verify, or None to cancel; applied on the loop's thread.
+        self._identity_requests: queue.SimpleQueue[tuple[str, list[FaceTemplate]] | None] = (
+            queue.SimpleQueue()
+        )
         self._pipeline = pipeline
         self._tracker = tracker
         self._emit = emit
@@ -107,6 +139,9 @@ class VisionLoop:
         self._last_observation: FaceObservation | None = None
         self._reported: tuple[FaceState, int] | None = None
         self._faults: set[Component] = set()
+        # (seq, exposure time, arrival time) of recent frames; read by health() on other threads.
+        self._frame_marks: deque[tuple[int, float, float]] = deque(maxlen=FPS_WINDOW_FRAMES)
+        self._health_lock = threading.Lock()
 
     # --- control (any thread) -------------------------------------------------------------------
 
@@ -131,6 +166,19 @@ class VisionLoop:
         self._active = active
         self._wake.set()
 
+    def request_identity(self, session_id: str, templates: list[FaceTemplate]) -> None:
+        """Verify the next uncovered frames against ``templates``; FaceVerified comes back via ``emit``."""
+        if self._identity is None:
+            self._emit(FaceVerified(session_id, IdentityVerdict.UNSURE))  # verification is off here
+            return
+        self._identity_requests.put((session_id, templates))
+        self._wake.set()
+
+    def cancel_identity(self) -> None:
+        """The session ended: drop its verification (its templates go with it)."""
+        if self._identity is not None:
+            self._identity_requests.put(None)
+
     def request_snapshot(self, kind: SnapshotKind, reason: str, *, session_id: str | None) -> None:
         """Queue a sealed snapshot; SnapshotStored or SnapshotFailed comes back through ``emit``."""
         self._snapshots.put(SnapshotRequest(kind, reason, session_id))
@@ -150,11 +198,34 @@ class VisionLoop:
             and self._clock() - self._heartbeat_s < limit_s
         )
 
+    def health(self) -> VisionHealth:
+        """Heartbeat, last-frame age and measured rates, for the daemon's status socket."""
+        now = self._clock()
+        with self._health_lock:
+            marks = list(self._frame_marks)
+            faults = tuple(sorted(component.value for component in self._faults))
+        last_frame = self._last_frame_s if marks else None
+        camera_fps = analysed_fps = None
+        if len(marks) >= 2:
+            (seq0, exposed0, arrived0), (seq1, exposed1, arrived1) = marks[0], marks[-1]
+            if exposed1 > exposed0:
+                camera_fps = (seq1 - seq0) / (exposed1 - exposed0)
+            if arrived1 > arrived0:
+                analysed_fps = (len(marks) - 1) / (arrived1 - arrived0)
+        return VisionHealth(
+            heartbeat_age_s=max(0.0, now - self._heartbeat_s),
+            last_frame_age_s=None if last_frame is None else max(0.0, now - last_frame),
+            camera_fps=camera_fps,
+            analysed_fps=analysed_fps,
+            faults=faults,
+        )
+
     # --- the thread ------------------------------------------------------------------------------
 
     def _run(self) -> None:
         while not self._stopping.is_set():
             started = self._heartbeat_s = self._clock()
+            self._take_identity_requests()
             self._take_pending_snapshots()
             frame = self._read_frame()
             if frame is not None:
@@ -175,6 +246,10 @@ class VisionLoop:
             self._camera_failed(str(exc))
             return None
         self._last_frame_s = self._clock()
+        with self._health_lock:
+            if self._frame_marks and frame.seq <= self._frame_marks[-1][0]:
+                self._frame_marks.clear()  # the camera was reopened: its sequence starts again
+            self._frame_marks.append((frame.seq, frame.t_monotonic_s, self._last_frame_s))
         self._clear(Component.CAMERA)
         return frame
 
@@ -204,6 +279,35 @@ class VisionLoop:
         self._last_observation = observation
         tracked = self._tracker.update(observation)
         self._report(tracked.state, tracked.face_count)
+        if self._identity is not None and self._identity.busy:
+            self._verify(frame, observation, uncovered=tracked.state is FaceState.UNCOVERED)
+
+    # --- identity --------------------------------------------------------------------------------
+
+    def _take_identity_requests(self) -> None:
+        if self._identity is None:
+            return
+        while True:
+            try:
+                request = self._identity_requests.get_nowait()
+            except queue.Empty:
+                return
+            if request is None:
+                self._identity.cancel()
+            else:
+                self._identity.request(*request)
+
+    def _verify(self, frame: Frame, observation: FaceObservation, *, uncovered: bool) -> None:
+        assert self._identity is not None
+        primary = observation.primary.face if observation.primary is not None else None
+        try:
+            answer = self._identity.observe(frame.rgb, primary, uncovered=uncovered)
+        except Exception as exc:  # the embedder failed: fail closed, and say so
+            logger.exception("face verification failed")
+            answer = self._identity.abort()
+            self._raise(Component.VISION, f"face embedder failed: {type(exc).__name__}: {exc}")
+        if answer is not None:
+            self._emit(answer)
 
     def _report(self, state: FaceState, face_count: int) -> None:
         if self._reported != (state, face_count):
@@ -212,13 +316,15 @@ class VisionLoop:
 
     def _raise(self, component: Component, reason: str) -> None:
         if component not in self._faults:
-            self._faults.add(component)
+            with self._health_lock:
+                self._faults.add(component)
             logger.error("%s fault: %s", component.value, reason)
             self._emit(FaultRaised(component, reason))
 
     def _clear(self, component: Component) -> None:
         if component in self._faults:
-            self._faults.discard(component)
+            with self._health_lock:
+                self._faults.discard(component)
             logger.info("%s recovered", component.value)
             self._emit(FaultCleared(component))
 
