@@ -88,9 +88,17 @@ def register(commands: argparse._SubParsersAction) -> None:
 
 
 def _admin_options(parser: argparse.ArgumentParser) -> None:
+    add_admin_options(parser, user_help="MySQL account allowed to create tables and users")
     parser.add_argument(
-        "--admin-user", required=True, help="MySQL account allowed to create tables and users"
+        "--sql-dir",
+        metavar="DIR",
+        help="directory with migrations/ and grants/ (default: the checkout's sql/)",
     )
+
+
+def add_admin_options(parser: argparse.ArgumentParser, *, user_help: str) -> None:
+    """``--admin-user`` and where its password comes from (a 0600 file or a systemd credential)."""
+    parser.add_argument("--admin-user", required=True, help=user_help)
     source = parser.add_mutually_exclusive_group()
     source.add_argument(
         "--admin-password-file", metavar="PATH", help="file (mode 0600) holding the admin password"
@@ -100,11 +108,6 @@ def _admin_options(parser: argparse.ArgumentParser) -> None:
         metavar="NAME",
         default=DEFAULT_ADMIN_CREDENTIAL,
         help=f"systemd credential in $CREDENTIALS_DIRECTORY (default: {DEFAULT_ADMIN_CREDENTIAL})",
-    )
-    parser.add_argument(
-        "--sql-dir",
-        metavar="DIR",
-        help="directory with migrations/ and grants/ (default: the checkout's sql/)",
     )
 
 
@@ -144,7 +147,7 @@ def _sql_dir(args: argparse.Namespace) -> Path:
     return Path(args.sql_dir) if args.sql_dir else DEFAULT_SQL_DIR
 
 
-def _admin_connection(args: argparse.Namespace, settings: Settings) -> pymysql.connections.Connection:
+def admin_connection(args: argparse.Namespace, settings: Settings) -> pymysql.connections.Connection:
     from atmguard.store.central import connect
     from atmguard.store.credentials import read_secret
 
@@ -165,7 +168,7 @@ def _migrate(args: argparse.Namespace) -> int:
     from atmguard.store.migrate import migrate
 
     settings = command_settings(args)
-    conn = _admin_connection(args, settings)
+    conn = admin_connection(args, settings)
     try:
         applied = migrate(conn, database=settings.central.database, sql_dir=_sql_dir(args))
     finally:
@@ -182,7 +185,7 @@ def _status(args: argparse.Namespace) -> int:
     from atmguard.store.migrate import MigrationState, migration_status
 
     settings = command_settings(args)
-    conn = _admin_connection(args, settings)
+    conn = admin_connection(args, settings)
     try:
         statuses = migration_status(conn, database=settings.central.database, sql_dir=_sql_dir(args))
     finally:
@@ -204,7 +207,7 @@ def _add_atm(args: argparse.Namespace) -> int:
 
     settings = command_settings(args)
     atm_password = read_secret_file(args.atm_password_file, what="ATM password (--atm-password-file)")
-    conn = _admin_connection(args, settings)
+    conn = admin_connection(args, settings)
     try:
         register_atm(
             conn,

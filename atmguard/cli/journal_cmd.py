@@ -149,19 +149,24 @@ def _do_journal_verify(args: argparse.Namespace) -> int:
     path = _journal_path(args)
     if not path.is_file():
         raise CommandFailed(EX_NOINPUT, f"{path}: no journal here (use --state-dir)")
-    next_report = [0]
+    from atmguard.cli.progress import Progress
+
+    shown: list[Progress] = []  # created once the total is known to be worth a progress line
 
     def progress(done: int, total: int) -> None:
         if total < _PROGRESS_MIN_EVENTS:
             return
-        if done >= next_report[0] or done == total:
-            print(f"verify: {done}/{total} events", file=sys.stderr, flush=True)
-            next_report[0] = done + max(1, total // 10)
+        if not shown:
+            shown.append(Progress("verify", unit="events"))
+        shown[0].update(done, total)
 
     try:
         report = verify_journal(path, progress=progress)
     except JournalError as exc:
         raise CommandFailed(EX_IOERR, str(exc)) from None
+    finally:
+        if shown:
+            shown[0].finish()
     if args.json:
         print(
             json.dumps(

@@ -14,7 +14,6 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-import time
 from collections.abc import Callable
 from datetime import UTC, datetime
 from pathlib import Path
@@ -44,6 +43,7 @@ EX_DEAD_LETTERS = 1  # drained, but records were parked for a technician (see `a
 PROGRESS_MIN_RECORDS = 1000
 """Backlogs at least this big get progress lines on stderr."""
 PROGRESS_PERIOD_S = 1.0
+"""On a terminal, the progress line is redrawn at most this often (elsewhere: only the final line)."""
 _DEAD_LETTERS_SHOWN = 50
 
 
@@ -151,7 +151,12 @@ def _sync(args: argparse.Namespace) -> int:
                 return _sync_forever(worker)
             before = journal.outbox_stats()
             pending = before.pending_events + before.pending_snapshots
-            report = worker.run_once(progress=_progress_printer(pending))
+            progress = _progress(pending)
+            try:
+                report = worker.run_once(progress=None if progress is None else progress.update)
+            finally:
+                if progress is not None:
+                    progress.finish()
             after = journal.outbox_stats()
     finally:
         journal.close()
@@ -185,25 +190,32 @@ def _open_journal(settings: Settings, path: Path) -> Journal:
     return journal
 
 
-def _progress_printer(pending: int) -> Callable[[SyncReport], None] | None:
-    if pending < PROGRESS_MIN_RECORDS:
-        return None
-    last = [time.monotonic()]
+class _SyncProgress:
+    """Progress of one drain: records sent (events, snapshots, dead letters) of the backlog."""
 
-    def progress(report: SyncReport) -> None:
-        now = time.monotonic()
-        if now - last[0] < PROGRESS_PERIOD_S:
-            return
-        last[0] = now
+    def __init__(self, pending: int) -> None:
+        from atmguard.cli.progress import Progress
+
+        self._pending = pending
+        self._progress = Progress("sync", unit="records", period_s=PROGRESS_PERIOD_S)
+        self._progress.update(0, pending)
+
+    def update(self, report: SyncReport) -> None:
         done = report.events_synced + report.snapshots_synced + len(report.dead_letters)
-        print(
-            f"sync: {done}/{pending}+ records ({report.events_synced} events, "
-            f"{report.snapshots_synced} snapshots, {len(report.dead_letters)} dead-lettered)",
-            file=sys.stderr,
-            flush=True,
+        detail = (
+            f"{report.events_synced} events, {report.snapshots_synced} snapshots,"
+            f" {len(report.dead_letters)} dead-lettered"
         )
+        # Records journaled while the drain runs are sent too: the total grows with them.
+        self._progress.update(done, max(self._pending, done), detail=detail)
 
-    return progress
+    def finish(self) -> None:
+        self._progress.finish()
+
+
+def _progress(pending: int) -> _SyncProgress | None:
+    """A progress line for backlogs worth one (at least PROGRESS_MIN_RECORDS records)."""
+    return _SyncProgress(pending) if pending >= PROGRESS_MIN_RECORDS else None
 
 
 def _print_report(args: argparse.Namespace, report: SyncReport, after: Any) -> None:

@@ -36,7 +36,8 @@ committed to the local journal).
   ``card_closed``, ``unknown_card``, ``hot_listed``, ``pin_attempts_exhausted``,
   ``pin_cancelled``, ``pin_timeout``, ``face_covered``, ``no_face``, ``bank_unavailable``,
   ``evidence_failed``, ``session_timeout``, ``forgotten_card``, ``out_of_service``, ``shutdown``,
-  ``card_removed`` (new reasons may be added: treat an unknown one as a denial).
+  ``card_removed``, ``face_mismatch``, ``face_unverified``, ``not_enrolled`` (new reasons may be
+  added: treat an unknown one as a denial).
 - ``masked_pan``: first 6 and last 4 digits at most (``""`` when no card was read). Never a PIN.
 - ``journal_uuid``: the decision's record in the journal (``null`` if it could not be journaled).
 
@@ -60,10 +61,8 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
-import os
 import selectors
 import socket
-import stat
 import struct
 import threading
 import time
@@ -74,6 +73,7 @@ from typing import TYPE_CHECKING, Any
 
 from atmguard.errors import AtmguardError
 from atmguard.lifecycle import Managed
+from atmguard.service.unixsocket import bind_listener, unlink_if_ours
 
 if TYPE_CHECKING:
     from atmguard.config import Settings
@@ -83,9 +83,7 @@ logger = logging.getLogger(__name__)
 
 PROTOCOL_VERSION = 1
 STATES = ("in_service", "out_of_service")
-_MAX_UNIX_PATH_BYTES = 107  # sun_path is 108 bytes including the terminating NUL
 _READ_CHUNK_BYTES = 65536
-_STALE_PROBE_TIMEOUT_S = 0.5
 _THREAD_JOIN_S = 2.0
 
 
@@ -180,34 +178,10 @@ class HostLink(Managed):
         if self._listener is not None:
             return
         path = self._path
-        if len(os.fsencode(path)) > _MAX_UNIX_PATH_BYTES:
-            raise HostLinkError(
-                f"{path}: too long for a UNIX socket path ({_MAX_UNIX_PATH_BYTES} bytes at most)"
-            )
-        self._remove_stale_socket(path)
-        listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
-        bound = False
-        try:
-            try:
-                listener.bind(str(path))
-            except FileExistsError as exc:
-                raise HostLinkError(f"{path}: appeared while we were starting: {exc}") from exc
-            except OSError as exc:
-                raise HostLinkError(f"{path}: cannot create the host socket: {exc}") from exc
-            bound = True
-            # Permissions before listen(): until then nobody can connect, whatever the umask allowed.
-            os.chmod(path, self._mode)
-            info = os.stat(path)
-            self._inode = (info.st_dev, info.st_ino)
-            listener.listen(16)
-            listener.setblocking(False)
-        except BaseException:
-            listener.close()
-            if bound:
-                with contextlib.suppress(OSError):
-                    path.unlink()
-            self._inode = None
-            raise
+        listener, self._inode = bind_listener(
+            path, mode=self._mode, backlog=16, what="host socket", error=HostLinkError
+        )
+        listener.setblocking(False)
         self._listener = listener
         self._wake_r, self._wake_w = socket.socketpair()
         self._wake_r.setblocking(False)
@@ -408,43 +382,7 @@ class HostLink(Managed):
                 selector.unregister(client.sock)
             client.sock.close()
 
-    # --- the socket file -------------------------------------------------------------------------
-
-    @staticmethod
-    def _remove_stale_socket(path: Path) -> None:
-        """Unlink a socket file left by a previous run; refuse anything else or a live socket."""
-        try:
-            info = path.lstat()
-        except FileNotFoundError:
-            return
-        if not stat.S_ISSOCK(info.st_mode):
-            raise HostLinkError(f"{path}: exists and is not a socket; refusing to replace it")
-        probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
-        probe.settimeout(_STALE_PROBE_TIMEOUT_S)
-        try:
-            probe.connect(str(path))
-        except (ConnectionRefusedError, FileNotFoundError):
-            pass  # nobody listening: a leftover from a previous run
-        except OSError as exc:
-            raise HostLinkError(f"{path}: cannot tell whether the socket is in use: {exc}") from exc
-        else:
-            raise HostLinkError(f"{path}: another process is listening on it (is atmguard already running?)")
-        finally:
-            probe.close()
-        logger.info("removing stale host socket %s", path)
-        with contextlib.suppress(FileNotFoundError):
-            path.unlink()
-
     def _unlink_own_socket(self) -> None:
-        """Unlink the path only if it is still the socket we bound (not a successor's)."""
-        if self._path is None or self._inode is None:
-            return
-        try:
-            info = self._path.lstat()
-            if (info.st_dev, info.st_ino) == self._inode:
-                self._path.unlink()
-        except FileNotFoundError:
-            pass
-        except OSError as exc:
-            logger.warning("could not remove host socket %s: %s", self._path, exc)
+        if self._path is not None and self._inode is not None:
+            unlink_if_ours(self._path, self._inode, what="host socket")
         self._inode = None

@@ -189,6 +189,10 @@ class SyncWorker:
         self._stop_event: threading.Event | None = None
         self.consecutive_failures = 0
         """Failed runs in a row of the :meth:`run` loop (0 after a success)."""
+        self.last_report: SyncReport | None = None
+        """The latest :meth:`run_once` result (read by the daemon's status socket)."""
+        self.last_success_wall_s: float | None = None
+        """Wall-clock time (Unix seconds) when a run last ended without an error."""
 
     @classmethod
     def from_settings(
@@ -337,6 +341,9 @@ class SyncWorker:
                 report.error_kind = "unexpected"
                 logger.error("sync: unexpected %s", type(exc).__name__, exc_info=True)
         report.seconds = self._clock() - started
+        if report.error is None:
+            self.last_success_wall_s = time.time()
+        self.last_report = report
         if report.events_synced or report.snapshots_synced or report.dead_letters:
             logger.info("sync: %s", report.summary())
         return report
