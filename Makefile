@@ -20,7 +20,8 @@ $(STAMP): setup.cfg pyproject.toml
 system-deps:
 	bash deploy/install-system-deps.sh
 
-demo: models
+# The demo's bank is a throwaway MariaDB: system-deps installs mariadb-server where it can.
+demo: system-deps models
 	$(VENV)/bin/atmguard demo
 
 test: system-deps models $(TFLITE_VENV)/.installed

@@ -16,7 +16,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, model_validator
 
 from atmguard.errors import ConfigError
 
@@ -272,6 +272,36 @@ class SessionSettings(_Section):
     until only one face is left (shoulder surfing)."""
 
 
+class VerificationSettings(_Section):
+    """Face verification against the account holder's enrolled template (issue 7)."""
+
+    enabled: bool = True
+    """Compare the uncovered face with the card's enrolled template. Needs the `face_embedder` model."""
+    match_threshold: Annotated[float, Field(ge=-1, le=1)] = 0.54
+    """Cosine score at or above which the face MATCHes (model card: FAR 0.1% with a margin)."""
+    mismatch_threshold: Annotated[float, Field(ge=-1, le=1)] = -0.10
+    """Below this the face is a confident MISMATCH: fraud, the card is retained with evidence. Set
+    far below the genuine scores (model card): retaining a genuine customer's card is the failure
+    to avoid. Between the thresholds the face is UNSURE: asked to look at the camera again."""
+    frames: Annotated[int, Field(ge=1, le=30)] = 3
+    """Good (aligned, sharp, frontal) frames averaged for one verdict."""
+    timeout_s: Annotated[float, Field(gt=0, le=30)] = 4.0
+    """No good frames within this time: UNSURE."""
+    attempts: Annotated[int, Field(ge=1, le=10)] = 3
+    """UNSURE verdicts before the transaction is declined (the card is returned, never retained)."""
+    require_template: bool = False
+    """An account without an enrolled template: false serves it on card, PIN and an uncovered
+    face; true declines it (`not_enrolled`)."""
+    retain_mismatch: bool = True
+    """Retain the card on a MISMATCH; false: decline and return it (the evidence is kept either way)."""
+
+    @model_validator(mode="after")
+    def _thresholds_ordered(self) -> VerificationSettings:
+        if not self.mismatch_threshold < self.match_threshold:
+            raise ValueError("mismatch_threshold must be below match_threshold")
+        return self
+
+
 class DaemonSettings(_Section):
     """`atmguard run`: the service process."""
 
@@ -290,6 +320,13 @@ class DaemonSettings(_Section):
     sim_control_socket: str = ""
     """UNIX socket through which a test harness drives the simulated hardware (insert a card, type
     keys, change the camera scene). Refused unless every hardware role uses its sim backend."""
+    status_socket_path: str = "/run/atmguard/status.sock"
+    """Read-only UNIX socket where `atmguard status` and `atmguard diag` ask the running daemon for
+    its state, hardware health, last events and outbox (empty: none)."""
+    status_socket_mode: Annotated[int, Field(ge=0, le=0o777)] = 0o660
+    """Permissions of the status socket (technicians' accounts in atmguard's group may read it)."""
+    status_recent_events: Annotated[int, Field(ge=1, le=500)] = 20
+    """How many recent decisions and service status changes the status socket reports."""
 
 
 class Settings(_Section):
@@ -306,6 +343,7 @@ class Settings(_Section):
     central: CentralSettings = CentralSettings()
     sync: SyncSettings = SyncSettings()
     session: SessionSettings = SessionSettings()
+    verification: VerificationSettings = VerificationSettings()
     daemon: DaemonSettings = DaemonSettings()
 
     source: str = Field(default="<defaults>", exclude=True)

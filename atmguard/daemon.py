@@ -159,6 +159,14 @@ class Daemon:
         settings = self._settings
         stack = self._stack
 
+        with _starting("hardware lock", notifier):
+            # First of all: while a technician's hardware test runs (or another daemon on this
+            # state directory), this one must not get half-way up and fight it for the devices.
+            from atmguard.hardware.ownership import DAEMON_PURPOSE, HardwareLock
+
+            hardware_lock = HardwareLock.for_settings(settings, purpose=DAEMON_PURPOSE, create_dir=True)
+            hardware_lock.acquire()
+            stack.push("hardware lock", hardware_lock.release)
         with _starting("journal", notifier):
             journal = Journal.from_settings(settings)
             journal.open()
@@ -170,12 +178,14 @@ class Daemon:
             pipeline = VisionPipeline.from_settings(settings)
             pipeline.open()  # loads both models and checks their sha256 against the manifest
             stack.push("vision models", pipeline.close)
+            verifier = self._identity_verifier()
             identity = _identity(settings)
             identity["runtime"] = str(runtime_info())
             journal.append_event("daemon_started", identity)
         with _starting("bank connection", notifier):
             bank = self._bank()
             stack.push("bank connection", bank.close)
+        sync: Any = None
         if settings.central.enabled:
             with _starting("sync worker", notifier):
                 from atmguard.store.sync import SyncWorker
@@ -215,13 +225,21 @@ class Daemon:
             idle_fps=min(settings.daemon.idle_fps, settings.camera.fps),
             active_fps=settings.camera.fps,
             camera_timeout_s=settings.session.camera_timeout_s,
+            identity=verifier,
         )
+
+        from atmguard.service.statuslink import Heartbeat, RecentEvents
+
+        recent = RecentEvents(settings.daemon.status_recent_events)
+        heartbeat = Heartbeat()
 
         def publish_decision(decision: Any, journal_uuid: str | None) -> None:
             host.publish_decision(decision, t_wall_s=time.time(), journal_uuid=journal_uuid)
+            recent.add_decision(decision, journal_uuid)
 
         def publish_status(in_service: bool, detail: str) -> None:
             host.publish_status("in_service" if in_service else "out_of_service", detail)
+            recent.add_status(in_service, detail)
 
         controller = Controller(
             policy=Policy.from_settings(settings),
@@ -235,12 +253,30 @@ class Daemon:
             pin_entry=PinEntry.from_settings(settings),
             publish_decision=publish_decision,
             publish_status=publish_status,
-            watchdog=_watchdog_pinger(notifier),
+            watchdog=heartbeat.wrap(_watchdog_pinger(notifier)),
             tick_interval_s=settings.daemon.tick_interval_s,
             shutdown_timeout_s=settings.daemon.shutdown_timeout_s,
+            identity=verifier,
         )
         controller_box.append(controller)
         self.controller = controller
+
+        with _starting("status socket", notifier):
+            from atmguard.service.statuslink import StatusSources
+
+            self._start_status_link(
+                StatusSources(
+                    settings=settings,
+                    controller=controller,
+                    vision=vision,
+                    hardware=hardware,
+                    journal_path=journal.path,
+                    events=recent,
+                    heartbeat=heartbeat,
+                    sync=sync,
+                    watchdog_interval_s=notifier.watchdog_interval_s,
+                )
+            )
 
         if settings.daemon.sim_control_socket:
             with _starting("sim control socket", notifier):
@@ -253,6 +289,28 @@ class Daemon:
         thread.start()
         return thread
 
+    def _identity_verifier(self) -> Any:
+        """The face embedder and its verifier when ``[verification] enabled`` (sha256-checked like
+        the other models: a missing or altered embedder stops the start-up, it is never skipped)."""
+        settings = self._settings
+        if not settings.verification.enabled:
+            logger.warning("verification.enabled = false: faces are not compared with the account holder's")
+            return None
+        from atmguard.session.identity import IdentityVerifier
+        from atmguard.vision.embedder import FaceEmbedder
+
+        embedder = FaceEmbedder.from_settings(settings)
+        embedder.open()
+        self._stack.push("face embedder", embedder.close)
+        verification = settings.verification
+        return IdentityVerifier(
+            embedder,
+            match_threshold=verification.match_threshold,
+            mismatch_threshold=verification.mismatch_threshold,
+            frames_needed=verification.frames,
+            timeout_s=verification.timeout_s,
+        )
+
     def _bank(self) -> Any:
         settings = self._settings
         if not settings.central.enabled:
@@ -263,6 +321,18 @@ class Daemon:
         from atmguard.session.bank import CentralBank
 
         return CentralBank.from_settings(settings)
+
+    def _start_status_link(self, sources: Any) -> None:
+        from atmguard.service.statuslink import StatusLink, StatusLinkError
+
+        link = StatusLink.for_daemon(sources)
+        try:
+            link.open()
+        except StatusLinkError as exc:
+            # Diagnostics only: a technician's window must not take the ATM out of service.
+            logger.error("status socket unavailable (atmguard status / diag cannot ask the daemon): %s", exc)
+            return
+        self._stack.push("status socket", link.close)
 
     def _start_sim_control(self, hardware: dict[str, Any], controller: Any) -> None:
         from atmguard.harness.simcontrol import SimControl, require_simulated_hardware

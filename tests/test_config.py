@@ -177,3 +177,17 @@ def test_tracker_geometry_is_checked_and_reaches_the_tracker():
     settings = settings_from_mapping({"vision": {"tracker_window_frames": 12, "covered_threshold": 0.4}})
     tracker = FaceTracker.from_settings(settings)
     assert (tracker.window_frames, tracker.covered_threshold) == (12, 0.4)
+
+
+def test_verification_defaults_are_the_model_cards_thresholds() -> None:
+    # config.py cannot import the embedder (numpy at import); the two must still agree.
+    from atmguard.config import VerificationSettings
+    from atmguard.vision.embedder import DEFAULT_MATCH_THRESHOLD, DEFAULT_MISMATCH_THRESHOLD
+
+    defaults = VerificationSettings()
+    assert (defaults.match_threshold, defaults.mismatch_threshold) == (
+        DEFAULT_MATCH_THRESHOLD,
+        DEFAULT_MISMATCH_THRESHOLD,
+    )
+    with pytest.raises(ValueError, match="mismatch_threshold must be below match_threshold"):
+        VerificationSettings(match_threshold=0.1, mismatch_threshold=0.2)

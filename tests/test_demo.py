@@ -1,21 +1,28 @@
-"""`make demo` is the newcomer's first contact: it must run to the end on simulated hardware."""
+"""`make demo` is the newcomer's first contact: it runs scenarios on the daemon and writes a report."""
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
-from PIL import Image
+import pytest
 
-from atmguard.cli.demo import DATASETS, run_demo
+from atmguard.cli import demo
+from atmguard.harness import scenario
 
 
-def test_demo_runs_every_role_and_passes_its_checks(tmp_path: Path, capsys):
-    assert run_demo(out_dir=str(tmp_path)) == 0
+def test_demo_prints_the_summary_and_writes_a_report_with_evidence(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Two scenarios of the library (tests/test_scenarios.py runs all of it): the demo's wiring is tested here.
+    chosen = [path for path in scenario.library() if path.stem in ("01_approved", "05_hot_listed")]
+    monkeypatch.setattr(scenario, "library", lambda: chosen)
+    assert demo.run_demo(out_dir=str(tmp_path)) == 0
     out = capsys.readouterr().out
-    assert "checks passed" in out and "FAILED" not in out
-    # The PAN is shown masked only, and the PIN never appears.
-    assert "476173******" in out
-    assert "4321" not in out
-    assert DATASETS.exists(), "the demo's camera scenes come from ../shared/datasets"
-    assert "tracker UNCOVERED" in out and "tracker COVERED" in out and "tracker NO_FACE" in out
-    assert Image.open(tmp_path / "camera_uncovered.png").size == (640, 360)
+    assert "central server: throwaway MariaDB" in out
+    assert re.search(r"01_approved\s+PASSED\s+approve\s+approved\s+[\d.]+\s+[\d.]+", out), out
+    assert re.search(r"05_hot_listed\s+PASSED\s+retain\s+hot_listed", out), out
+    assert "2 passed, 0 failed, 0 skipped" in out
+    report = (tmp_path / "report.html").read_text()
+    assert report.count("data:image/jpeg;base64,") >= 2  # frames opened with the demo's bank key
+    assert "476173******" in out and re.search(r"\d{13,19}", out) is None

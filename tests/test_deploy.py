@@ -399,6 +399,12 @@ MDWE_PROBE = textwrap.dedent(
     face = Face(box=(240.0, 100.0, 400.0, 280.0), keypoints=keypoints, score=0.9)
     probability = pipeline.classifier.covered_probability(frame, face)
     pipeline.close()
+    from atmguard.vision.embedder import FaceEmbedder
+
+    embedder = FaceEmbedder.from_settings(settings)
+    embedding = embedder.embed(rng.integers(0, 256, size=(112, 112, 3), dtype=np.uint8))
+    embedder.close()
+    print("embedding-norm", round(float(np.linalg.norm(embedding)), 3))
     print("runtime", runtime_info())
     print("detector-ran", len(faces))
     print("covering-probability", probability)
@@ -428,6 +434,7 @@ def test_memory_deny_write_execute_leaves_the_models_working() -> None:
     assert lines["wx-mmap"] == "refused EPERM"
     # ... and both models still load and run under it.
     assert "detector-ran" in lines
+    assert lines["embedding-norm"] == "1.0"  # the face embedder too
     assert 0.0 <= float(lines["covering-probability"]) <= 1.0
     # The runtime took the XNNPACK path, the one whose code generation MDWE could have broken.
     assert "XNNPACK delegate" in result.stderr

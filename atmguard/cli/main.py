@@ -26,6 +26,9 @@ COMMAND_MODULES: tuple[str, ...] = (
     "atmguard.cli.model_cmd",
     "atmguard.cli.bench_cmd",
     "atmguard.cli.run_cmd",
+    "atmguard.cli.simulate_cmd",
+    "atmguard.cli.diag_cmd",
+    "atmguard.cli.enroll_cmd",
 )
 
 
@@ -82,10 +85,10 @@ def build_parser() -> argparse.ArgumentParser:
     )
     check.set_defaults(handler=_check_config)
 
-    demo = commands.add_parser("demo", help="walk through every hardware role on simulated hardware")
-    demo.add_argument(
-        "--out", default="out/demo", help="directory for the demo's pictures (default: out/demo)"
+    demo = commands.add_parser(
+        "demo", help="run the scenario library against the daemon on simulated hardware, with a report"
     )
+    demo.add_argument("--out", default="out/demo", help="directory for report.html (default: out/demo)")
     demo.set_defaults(handler=_demo)
 
     for module_name in COMMAND_MODULES:
