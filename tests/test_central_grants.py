@@ -129,6 +129,7 @@ def test_atm_grants_are_exactly_execute_on_the_procedures(central_db: CentralTes
             "ingest_event",
             "ingest_snapshot",
             "pin_salt",
+            "schema_version",
             "verify_pin",
         ]
     )

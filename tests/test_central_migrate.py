@@ -24,6 +24,7 @@ EXPECTED = [
     "0002_atm_procedures",
     "0003_reporting_indexes",
     "0004_face_template_per_model",
+    "0005_schema_version_procedure",
 ]
 
 
@@ -98,7 +99,9 @@ def test_migrate_applies_everything_in_order_once_and_records_checksums(mariadb_
     with throwaway_database(mariadb_server, "mig_fresh") as db:
         conn = mariadb_server.admin_connect()
         try:
-            assert [s.state for s in migration_status(conn, database=db)] == [MigrationState.PENDING] * 4
+            assert [s.state for s in migration_status(conn, database=db)] == [MigrationState.PENDING] * len(
+                EXPECTED
+            )
             applied = migrate(conn, database=db)
             assert [m.label for m in applied] == EXPECTED
             assert migrate(conn, database=db) == []
@@ -110,6 +113,7 @@ def test_migrate_applies_everything_in_order_once_and_records_checksums(mariadb_
             (2, "atm_procedures", MigrationState.APPLIED),
             (3, "reporting_indexes", MigrationState.APPLIED),
             (4, "face_template_per_model", MigrationState.APPLIED),
+            (5, "schema_version_procedure", MigrationState.APPLIED),
         ]
         recorded = mariadb_server.execute(
             "SELECT version, checksum FROM schema_migrations ORDER BY version", database=db
@@ -146,7 +150,7 @@ def test_a_changed_applied_migration_stops_the_run_before_anything_is_applied(
             migrate(conn, database=db, sql_dir=sql)
             first = sql / "migrations" / "0001_core_schema.sql"
             first.write_text(first.read_text() + "\n-- edited after it was applied\n")
-            (sql / "migrations" / "0005_new_table.sql").write_text("CREATE TABLE IF NOT EXISTS t4 (x INT);\n")
+            (sql / "migrations" / "0006_new_table.sql").write_text("CREATE TABLE IF NOT EXISTS t4 (x INT);\n")
             with pytest.raises(MigrationError, match="0001_core_schema: file changed since it was applied"):
                 migrate(conn, database=db, sql_dir=sql)
             states = {s.name: s.state for s in migration_status(conn, database=db, sql_dir=sql)}
@@ -173,18 +177,20 @@ def test_an_applied_migration_whose_file_is_gone_is_reported_and_refused(
             states = [s.state for s in migration_status(conn, database=db, sql_dir=sql)]
         finally:
             conn.close()
-        assert states == [MigrationState.APPLIED] * 2 + [MigrationState.MISSING, MigrationState.APPLIED]
+        assert (
+            states == [MigrationState.APPLIED] * 2 + [MigrationState.MISSING] + [MigrationState.APPLIED] * 2
+        )
 
 
 def test_a_failing_migration_is_named_and_not_recorded(mariadb_server: ThrowawayMariaDB, tmp_path: Path):
     sql = _copy_sql(tmp_path)
-    (sql / "migrations" / "0005_broken.sql").write_text(
+    (sql / "migrations" / "0006_broken.sql").write_text(
         "CREATE TABLE IF NOT EXISTS ok4 (x INT);\nSELEC oops;\n"
     )
     with throwaway_database(mariadb_server, "mig_broken") as db:
         conn = mariadb_server.admin_connect()
         try:
-            with pytest.raises(MigrationError, match=r"0005_broken.sql: statement 2 \('SELEC oops'\) failed"):
+            with pytest.raises(MigrationError, match=r"0006_broken.sql: statement 2 \('SELEC oops'\) failed"):
                 migrate(conn, database=db, sql_dir=sql)
             states = {s.name: s.state for s in migration_status(conn, database=db, sql_dir=sql)}
         finally:
@@ -202,11 +208,11 @@ def test_migrate_regrants_atms_after_procedures_are_recreated(
         central = CentralTestDB.create(mariadb_server, db)
         login = central.add_atm()
         shutil.copy(
-            sql / "migrations" / "0002_atm_procedures.sql", sql / "migrations" / "0005_procedures_again.sql"
+            sql / "migrations" / "0002_atm_procedures.sql", sql / "migrations" / "0006_procedures_again.sql"
         )
         conn = mariadb_server.admin_connect()
         try:
-            assert [m.label for m in migrate(conn, database=db, sql_dir=sql)] == ["0005_procedures_again"]
+            assert [m.label for m in migrate(conn, database=db, sql_dir=sql)] == ["0006_procedures_again"]
         finally:
             conn.close()
         atm = central.atm_connect(login)

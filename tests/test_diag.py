@@ -18,11 +18,13 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from mariadb_server import CentralTestDB
 from sim_support import write_toml
 
 from atmguard.cli.main import main
+from atmguard.config import settings_from_mapping
 from atmguard.diag.model import Check, CheckResult, Status, run_check
-from atmguard.diag.system_checks import ATM_PROCEDURES, check_clock
+from atmguard.diag.system_checks import ATM_PROCEDURES, check_central, check_clock, expected_schema_version
 from atmguard.hardware.card.emulator import CardReaderEmulator
 from atmguard.hardware.ownership import DAEMON_PURPOSE, HardwareLock, is_held
 from atmguard.store.journal import JOURNAL_FILENAME, Journal
@@ -111,7 +113,10 @@ def test_a_healthy_sim_atm_passes_every_check(
     assert "1 face(s)" in rows["camera face"]["measured"]
     assert "no card" in rows["card reader"]["measured"]
     assert "hash chain intact: 5 events" in rows["journal"]["measured"]
-    assert "procedures this version calls are granted" in rows["central schema"]["measured"]
+    assert (
+        f"server at migration {expected_schema_version():04d}, as this version expects"
+        in (rows["central schema"]["measured"])
+    )
     assert rows["actuator"]["status"] == "SKIP"  # never fired without --fire
     # Not an ATM fault here: the daemon is not running (this command held the hardware), and a CI
     # container's clock may not be synchronised.
@@ -280,6 +285,60 @@ def test_the_procedures_checked_are_those_an_atm_account_is_granted() -> None:
         line.split("`.`")[1].split("`")[0] for line in grants.splitlines() if "GRANT EXECUTE" in line
     )
     assert sorted(ATM_PROCEDURES) == granted
+
+
+def test_the_schema_row_says_what_the_server_lacks_and_who_fixes_it(
+    mariadb_server: Any, tmp_path: Path
+) -> None:
+    # A database of its own: this test takes the schema apart.
+    db = CentralTestDB.create(mariadb_server, "atmguard_diag_schema")
+    login = db.add_atm()
+    settings = settings_from_mapping(db.settings_mapping(login, tmp_path / "password"))
+    current = expected_schema_version()
+    assert current is not None and current >= 5
+
+    def schema_row() -> tuple[str, str, str]:
+        row = {r.name: r for r in check_central(settings)}["central schema"]
+        return row.status.value, row.measured, row.fix
+
+    try:
+        status, measured, _ = schema_row()
+        assert status == "PASS", measured
+        assert f"all {len(ATM_PROCEDURES)} procedures granted" in measured
+
+        db.server.execute(f"DELETE FROM schema_migrations WHERE version = {current}", database=db.database)
+        status, measured, fix = schema_row()
+        assert (status, measured) == (
+            "FAIL",
+            f"server at migration {current - 1:04d}, this version needs {current:04d}",
+        )
+        assert "atmguard db migrate" in fix
+
+        db.server.execute(
+            "INSERT INTO schema_migrations VALUES"
+            f" ({current}, 'x', REPEAT('0', 64), NOW()), ({current + 1}, 'y', REPEAT('0', 64), NOW())",
+            database=db.database,
+        )
+        status, measured, fix = schema_row()
+        assert status == "WARN" and "newer than this version knows" in measured
+        assert fix == "update atmguard on this ATM"
+        db.server.execute(f"DELETE FROM schema_migrations WHERE version > {current}", database=db.database)
+
+        db.server.execute(
+            f"REVOKE EXECUTE ON PROCEDURE `{db.database}`.`ingest_event` FROM '{login.user}'@'{login.host}'"
+        )
+        status, measured, fix = schema_row()
+        assert status == "FAIL" and measured.endswith(
+            "procedures missing or not granted to this account: ingest_event"
+        )
+        assert "db add-atm" in fix
+
+        db.server.execute("DROP PROCEDURE schema_version", database=db.database)
+        status, measured, fix = schema_row()
+        assert status == "FAIL" and "the server predates migration 0005 or this ATM's grants" in measured
+        assert "atmguard db migrate" in fix and "db add-atm" in fix
+    finally:
+        db.server.execute(f"DROP DATABASE `{db.database}`")
 
 
 def test_clock_state_from_timedatectl_and_the_kernel() -> None:

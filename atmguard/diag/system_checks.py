@@ -40,10 +40,11 @@ ATM_PROCEDURES = (
     "ingest_event",
     "ingest_snapshot",
     "pin_salt",
+    "schema_version",
     "verify_pin",
 )
-"""The stored procedures :class:`~atmguard.store.central.CentralStore` calls (all an ATM account
-may use: sql/grants/atm.sql)."""
+"""The stored procedures an ATM account may use (sql/grants/atm.sql): those
+:class:`~atmguard.store.central.CentralStore` calls, and ``schema_version`` for this check."""
 
 _MODELS_FIX = "reinstall the models: firmware_models/fetch.py --models-dir <paths.models_dir> (make models)"
 
@@ -308,7 +309,7 @@ def expected_schema_version() -> int | None:
 
 
 def check_central(settings: Settings) -> list[CheckResult]:
-    """Connect as the ATM with the configured TLS; then the schema version (or the procedures)."""
+    """Connect as the ATM with the configured TLS; then the schema version and the procedures."""
     from atmguard.store.central import (
         CentralAccessDeniedError,
         CentralTlsError,
@@ -391,37 +392,42 @@ def _connection_row(settings: Settings, where: str, connect_ms: float, tls: str 
     return CheckResult("central connection", Status.PASS, measured, "", "central")
 
 
+ER_SP_DOES_NOT_EXIST = 1305
+ER_PROCACCESS_DENIED_ERROR = 1370
+_GRANTS_FIX = (
+    "the bank's DBA runs `atmguard db migrate`; when nothing is pending, `atmguard db add-atm` for this"
+    " ATM again (it re-grants the procedures)"
+)
+
+
 def _schema_row(conn: Any) -> CheckResult:
-    """``schema_migrations`` when this account may read it; else the procedures it must be able to call."""
+    """The server's migration (via ``schema_version()``) against this code's, then the procedures."""
     import pymysql
 
     expected = expected_schema_version()
+    needs = f"this version needs {expected:04d}" if expected else "this install ships no sql/ to compare"
+    migrate_fix = "the bank's DBA runs `atmguard db migrate` (then `db status` shows every migration applied)"
     try:
         with conn.cursor() as cursor:
-            cursor.execute("SELECT MAX(version) FROM schema_migrations")
+            cursor.execute("CALL schema_version()")
             row = cursor.fetchone()
-        server = int(row[0]) if row and row[0] is not None else 0
+        server = int(row[0])
     except pymysql.err.MySQLError as exc:
-        # An ATM account has EXECUTE on its procedures and nothing else (sql/grants/atm.sql).
-        logger.debug("schema_migrations not readable: %s", exc)
-        return _procedures_row(conn, expected)
-    if expected is None:
+        if exc.args and exc.args[0] in (ER_SP_DOES_NOT_EXIST, ER_PROCACCESS_DENIED_ERROR):
+            # The server answers "denied" for a procedure that does not exist as well: to this
+            # account an old server and missing grants look the same.
+            measured = (
+                "this account cannot call schema_version(): the server predates migration 0005 or"
+                f" this ATM's grants are out of date; {needs}"
+            )
+            return CheckResult("central schema", Status.FAIL, measured, _GRANTS_FIX, "central")
         return CheckResult(
-            "central schema",
-            Status.PASS,
-            f"server at migration {server:04d} (this install ships no sql/ to compare)",
-            "",
-            "central",
+            "central schema", Status.FAIL, f"CALL schema_version() failed: {exc}", "", "central"
         )
-    if server < expected:
-        return CheckResult(
-            "central schema",
-            Status.FAIL,
-            f"server at migration {server:04d}, this version needs {expected:04d}",
-            "the bank's DBA runs `atmguard db migrate` (then `db status` shows every migration applied)",
-            "central",
-        )
-    if server > expected:
+    if expected is not None and server < expected:
+        measured = f"server at migration {server:04d}, {needs}"
+        return CheckResult("central schema", Status.FAIL, measured, migrate_fix, "central")
+    if expected is not None and server > expected:
         return CheckResult(
             "central schema",
             Status.WARN,
@@ -429,45 +435,35 @@ def _schema_row(conn: Any) -> CheckResult:
             "update atmguard on this ATM",
             "central",
         )
-    return CheckResult(
-        "central schema",
-        Status.PASS,
-        f"server at migration {server:04d}, as this version expects",
-        "",
-        "central",
-    )
-
-
-def _procedures_row(conn: Any, expected: int | None) -> CheckResult:
-    import pymysql
-
-    try:
-        with conn.cursor() as cursor:
-            cursor.execute(
-                "SELECT ROUTINE_NAME FROM information_schema.ROUTINES"
-                " WHERE ROUTINE_SCHEMA = DATABASE() AND ROUTINE_TYPE = 'PROCEDURE'"
-            )
-            visible = {str(row[0]) for row in cursor.fetchall()}
-    except pymysql.err.MySQLError as exc:
-        return CheckResult("central schema", Status.FAIL, f"cannot list the procedures: {exc}", "", "central")
-    missing = [name for name in ATM_PROCEDURES if name not in visible]
-    version = f"; this version ships migrations up to {expected:04d}" if expected else ""
+    missing = _missing_procedures(conn)
     if missing:
         return CheckResult(
             "central schema",
             Status.FAIL,
-            f"procedures missing or not granted to this account: {', '.join(missing)}{version}",
-            "the bank's DBA runs `atmguard db migrate` and `atmguard db add-atm` for this ATM",
+            f"server at migration {server:04d}; procedures missing or not granted to this account:"
+            f" {', '.join(missing)}",
+            _GRANTS_FIX,
             "central",
         )
+    as_expected = "as this version expects" if expected is not None else needs
     return CheckResult(
         "central schema",
         Status.PASS,
-        f"all {len(ATM_PROCEDURES)} procedures this version calls are granted (an ATM account cannot read"
-        f" schema_migrations){version}",
+        f"server at migration {server:04d}, {as_expected}; all {len(ATM_PROCEDURES)} procedures granted",
         "",
         "central",
     )
+
+
+def _missing_procedures(conn: Any) -> list[str]:
+    """ATM procedures this account cannot see (information_schema lists only the granted ones)."""
+    with conn.cursor() as cursor:
+        cursor.execute(
+            "SELECT ROUTINE_NAME FROM information_schema.ROUTINES"
+            " WHERE ROUTINE_SCHEMA = DATABASE() AND ROUTINE_TYPE = 'PROCEDURE'"
+        )
+        visible = {str(row[0]) for row in cursor.fetchall()}
+    return [name for name in ATM_PROCEDURES if name not in visible]
 
 
 # --- clock -----------------------------------------------------------------------------------------

@@ -19,3 +19,4 @@ GRANT EXECUTE ON PROCEDURE `{{database}}`.`face_template` TO '{{atm_user}}'@'{{a
 GRANT EXECUTE ON PROCEDURE `{{database}}`.`ingest_event` TO '{{atm_user}}'@'{{atm_host}}';
 GRANT EXECUTE ON PROCEDURE `{{database}}`.`ingest_snapshot` TO '{{atm_user}}'@'{{atm_host}}';
 GRANT EXECUTE ON PROCEDURE `{{database}}`.`atm_chain_head` TO '{{atm_user}}'@'{{atm_host}}';
+GRANT EXECUTE ON PROCEDURE `{{database}}`.`schema_version` TO '{{atm_user}}'@'{{atm_host}}';
