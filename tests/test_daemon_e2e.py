@@ -9,8 +9,12 @@ from __future__ import annotations
 
 import itertools
 import json
+import os
+import pty
+import select
 import signal
 import sqlite3
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -20,6 +24,7 @@ import pytest
 from atmguard.datasets import scene_images, shared_datasets_dir
 from atmguard.hardware.card.testcards import luhn_complete
 from atmguard.harness.rig import SimClient, SimRig
+from atmguard.service.statuslink import query_status
 from atmguard.store.central import CardStatus
 from atmguard.store.throwaway_mariadb import ThrowawayMariaDB
 
@@ -194,3 +199,105 @@ def _wait_for_text(path: Path, text: str, *, timeout_s: float) -> None:
             return
         time.sleep(0.05)
     raise AssertionError(f"{text!r} never shown; display: {path.read_text()[-500:]}")
+
+
+class Screen:
+    """The customer display as a pty behind a udev-style symlink, read by a thread like a screen."""
+
+    def __init__(self, link: Path) -> None:
+        self.link = link
+        self.text = ""
+        self._lock = threading.Lock()
+        self._fds: tuple[int, int] | None = None
+        self._thread: threading.Thread | None = None
+        self._stop = threading.Event()
+        self.plug_in()
+
+    def plug_in(self) -> None:
+        controller, terminal = pty.openpty()
+        tmp = self.link.with_name(self.link.name + ".new")
+        tmp.symlink_to(os.ttyname(terminal))
+        tmp.replace(self.link)
+        self._fds = (controller, terminal)
+        self._stop.clear()
+        self._thread = threading.Thread(target=self._read, args=(controller,), daemon=True)
+        self._thread.start()
+
+    def _read(self, controller: int) -> None:
+        while not self._stop.is_set():
+            if select.select([controller], [], [], 0.05)[0]:
+                try:
+                    data = os.read(controller, 4096)
+                except OSError:
+                    return
+                with self._lock:
+                    self.text += data.decode(errors="replace")
+
+    def unplug(self) -> None:
+        """The screen's side of the line goes away: every later write to it fails (EIO)."""
+        self._stop.set()
+        assert self._thread is not None and self._fds is not None
+        self._thread.join(2.0)
+        for fd in self._fds:
+            os.close(fd)
+        self._fds = None
+        with self._lock:
+            self.text = ""
+
+    def wait_for(self, text: str, *, timeout_s: float) -> None:
+        end = time.monotonic() + timeout_s
+        while text not in self.text:
+            assert time.monotonic() < end, f"{text!r} never shown; screen: {self.text[-500:]!r}"
+            time.sleep(0.05)
+
+    def close(self) -> None:
+        if self._fds is not None:
+            self.unplug()
+
+
+def test_a_dead_screen_ends_the_session_and_keeps_the_atm_out_of_service_until_it_is_back(
+    tmp_path: Path, mariadb_server: ThrowawayMariaDB
+) -> None:
+    screen = Screen(tmp_path / "atm-display")
+    rig = SimRig(
+        tmp_path / "rig",
+        server=mariadb_server,
+        database="atm_e2e_display",
+        atm_id="E2E-ATM-3",
+        overrides={"display": {"device": str(screen.link)}},
+    )
+    rig.prepare()
+    rig.provision(GOOD_PAN, PIN)
+    try:
+        rig.start()
+        rig.wait_ready(timeout_s=90)
+        client = rig.client()
+        assert_comes_into_service(client)
+        screen.wait_for("[ATM] Insert card", timeout_s=10)
+
+        # The screen dies while the customer enters the PIN: nobody can be told what to do, so
+        # the session ends with the card given back, and no card is taken until the screen is back.
+        client.show("uncovered", expect="uncovered")
+        client.start_session(GOOD_PAN)
+        screen.wait_for("[ATM] Enter PIN", timeout_s=10)
+        screen.unplug()
+        client.command(cmd="keys", keys=PIN[:2])
+        decision = client.next_message("decision", timeout_s=15)
+        assert (decision["outcome"], decision["reason"]) == ("deny", "out_of_service"), decision
+        status = client.next_message("status", timeout_s=10)
+        assert status["state"] == "out_of_service" and "display" in status["detail"], status
+        client.take_card()
+        client.wait_state(timeout_s=10, phase="out_of_service", faults=["display"], card_entry=False)
+        display = query_status(rig.work_dir / "status.sock")["hardware"]["display"]
+        assert display["ok"] is False and "cannot write to display" in display["detail"], display
+
+        screen.plug_in()  # the daemon reopens the device on its own
+        assert client.next_message("status", timeout_s=15)["state"] == "in_service"
+        client.wait_state(timeout_s=10, phase="idle", faults=[], card_entry=True)
+        screen.wait_for("[ATM] Insert card", timeout_s=10)
+        assert query_status(rig.work_dir / "status.sock")["hardware"]["display"]["ok"] is True
+        client.close()
+        assert rig.stop() == 0, rig.log_text()[-3000:]
+    finally:
+        rig.close()
+        screen.close()

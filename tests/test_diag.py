@@ -10,6 +10,7 @@ from __future__ import annotations
 import io
 import json
 import os
+import pty
 import shutil
 import socket
 import sqlite3
@@ -23,6 +24,7 @@ from sim_support import write_toml
 
 from atmguard.cli.main import main
 from atmguard.config import settings_from_mapping
+from atmguard.diag.hardware_checks import check_display
 from atmguard.diag.model import Check, CheckResult, Status, run_check
 from atmguard.diag.system_checks import ATM_PROCEDURES, check_central, check_clock, expected_schema_version
 from atmguard.hardware.card.emulator import CardReaderEmulator
@@ -31,7 +33,7 @@ from atmguard.store.journal import JOURNAL_FILENAME, Journal
 from atmguard.store.keys import generate_keypair
 
 REPO = Path(__file__).resolve().parents[1]
-HARDWARE_ROWS = ["camera frames", "camera face", "card reader", "keypad", "bin sensor", "actuator"]
+HARDWARE_ROWS = ["camera frames", "camera face", "card reader", "keypad", "display", "bin sensor", "actuator"]
 
 
 def sim_sections(tmp_path: Path, scenes: Path, **overrides: dict[str, Any]) -> dict[str, dict[str, Any]]:
@@ -339,6 +341,29 @@ def test_the_schema_row_says_what_the_server_lacks_and_who_fixes_it(
         assert "atmguard db migrate" in fix and "db add-atm" in fix
     finally:
         db.server.execute(f"DROP DATABASE `{db.database}`")
+
+
+def test_the_display_row_writes_to_the_screen_or_says_why_it_cannot(tmp_path: Path) -> None:
+    def row(device: str) -> CheckResult:
+        return check_display(settings_from_mapping({"display": {"backend": "terminal", "device": device}}))
+
+    controller, terminal = pty.openpty()
+    tty = os.ttyname(terminal)
+    try:
+        screen = row(tty)
+        shown = os.read(controller, 4096).decode()
+    finally:
+        os.close(controller)
+        os.close(terminal)
+    assert screen.status is Status.PASS and tty in screen.measured
+    assert "[ATM] Temporarily out of service" in shown  # what the technician sees on the screen
+
+    missing = row(str(tmp_path / "no-such-tty"))
+    assert missing.status is Status.FAIL and "cannot open display device" in missing.measured
+    assert "display.device" in missing.fix
+
+    stdout = row("-")
+    assert stdout.status is Status.SKIP and "standard output" in stdout.measured
 
 
 def test_clock_state_from_timedatectl_and_the_kernel() -> None:

@@ -70,3 +70,41 @@ def test_unopenable_device_is_a_display_error(tmp_path):
 def test_registry_builds_the_configured_display():
     settings = settings_from_mapping({"display": {"backend": "recording"}})
     assert isinstance(build("display", settings), RecordingDisplay)
+
+
+def _new_screen(link: str) -> tuple[int, int]:
+    """A pty standing in for the screen, reached through ``link`` as udev's symlink would be."""
+    controller, terminal = pty.openpty()
+    tmp = link + ".new"
+    os.symlink(os.ttyname(terminal), tmp)
+    os.replace(tmp, link)
+    return controller, terminal
+
+
+def test_a_screen_that_hangs_up_fails_the_write_and_reopen_finds_it_plugged_back(tmp_path):
+    link = str(tmp_path / "atm-display")
+    old_controller, old_terminal = _new_screen(link)
+    display = TerminalDisplay(device=link)
+    display.open()
+    display.show(Prompt.INSERT_CARD)
+    assert "[ATM] Insert card" in os.read(old_controller, 4096).decode()
+
+    os.close(old_controller)  # the screen is unplugged: its side of the line is gone
+    os.close(old_terminal)
+    with pytest.raises(DisplayError, match="cannot write to display"):
+        display.show(Prompt.ENTER_PIN, pin_digits=1)
+    with pytest.raises(DisplayError, match="cannot write to display"):
+        display.show(Prompt.ENTER_PIN, pin_digits=1)  # and it stays so until reopened
+
+    controller, terminal = _new_screen(link)
+    try:
+        display.reopen()
+        assert display.is_open
+        display.show(Prompt.OUT_OF_SERVICE)
+        assert "[ATM] Out of service" in os.read(controller, 4096).decode()
+        display.close()
+        with pytest.raises(DisplayError, match="closed"):
+            display.reopen()
+    finally:
+        os.close(controller)
+        os.close(terminal)

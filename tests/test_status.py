@@ -80,6 +80,8 @@ def test_an_idle_daemon_reports_its_state_hardware_and_outbox(rig: SimRig, clien
     assert answer["hardware"]["card_reader"]["ok"] is True
     assert answer["hardware"]["keypad"]["ok"] is True and answer["hardware"]["keypad"]["scans"] > 0
     assert answer["hardware"]["actuator"]["bin_sensor"] is False
+    assert answer["hardware"]["display"]["ok"] is True
+    assert answer["hardware"]["display"]["detail"] == "last prompt written"
     assert answer["watchdog"]["enabled"] is True and answer["watchdog"]["last_ping_age_s"] < 1.0
     assert answer["outbox"]["dead_events"] == 0 and "pending_events" in answer["outbox"]
     assert answer["sync"]["enabled"] is True
@@ -129,6 +131,7 @@ def test_diag_answers_the_hardware_rows_from_the_running_daemon(
     assert rows["camera frames"]["measured"].startswith("owned by the running daemon: camera ")
     assert "fps" in rows["camera frames"]["measured"]
     assert rows["card reader"]["status"] == "PASS" and rows["keypad"]["status"] == "PASS"
+    assert rows["display"]["status"] == "PASS"
     assert rows["actuator"]["status"] == "SKIP"
     assert rows["daemon"]["status"] == "PASS" and "in service" in rows["daemon"]["measured"]
     assert rows["central connection"]["status"] == "PASS"

@@ -134,6 +134,7 @@ def hardware_rows_from_daemon(answer: dict[str, Any]) -> list[CheckResult]:
     )
     rows.append(_role_row("card reader", "card reader", hardware.get("card_reader")))
     rows.append(_role_row("keypad", "keypad", hardware.get("keypad")))
+    rows.append(_role_row("display", "display", hardware.get("display")))
     actuator = hardware.get("actuator")
     rows.append(_role_row("bin sensor", "actuator", actuator))
     rows.append(

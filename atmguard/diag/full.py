@@ -40,6 +40,7 @@ HARDWARE_ROWS: list[tuple[str, str]] = [
     ("camera face", "camera"),
     ("card reader", "card reader"),
     ("keypad", "keypad"),
+    ("display", "display"),
     ("bin sensor", "actuator"),
     ("actuator", "actuator"),
 ]
@@ -121,6 +122,13 @@ def hardware_check_list(settings: Settings, *, fire: bool) -> list[Check]:
             "the reader stopped answering: check its power and cable",
         ),
         Check("keypad", "keypad", lambda: hardware_checks.check_keypad(settings), 10.0),
+        Check(
+            "display",
+            "display",
+            lambda: hardware_checks.check_display(settings),
+            10.0,
+            "the display device does not take the text: check the screen and its cable",
+        ),
         Check(
             "actuator",
             "actuator",

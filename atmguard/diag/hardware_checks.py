@@ -13,7 +13,14 @@ from typing import Any
 
 from atmguard.config import Settings
 from atmguard.diag.model import CheckResult, Status
-from atmguard.errors import ActuatorError, AtmguardError, CameraError, CardReaderError, KeypadError
+from atmguard.errors import (
+    ActuatorError,
+    AtmguardError,
+    CameraError,
+    CardReaderError,
+    DisplayError,
+    KeypadError,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -217,6 +224,40 @@ def check_keypad(settings: Settings) -> CheckResult:
             "keypad",
         )
     return CheckResult("keypad", Status.PASS, measured + "; no key held", "", "keypad")
+
+
+# --- display ---------------------------------------------------------------------------------------
+
+
+def check_display(settings: Settings) -> CheckResult:
+    """Open the customer display and put "Temporarily out of service" on it, as the ATM is."""
+    from atmguard.hardware.display import Prompt
+    from atmguard.hardware.registry import build
+
+    display_settings = settings.display
+    if display_settings.backend == "terminal" and display_settings.device == "-":
+        # Written here it would land in this command's own table, not on a screen.
+        return CheckResult(
+            "display",
+            Status.SKIP,
+            "display.device = -: the daemon writes prompts to its standard output (the journal)",
+            "set display.device to the screen's TTY (e.g. /dev/tty1) on an ATM",
+            "display",
+        )
+    where = display_settings.device if display_settings.backend == "terminal" else "memory (simulated)"
+    display = build("display", settings)
+    try:
+        display.open()
+        shown = display.show(Prompt.SERVICE_UNAVAILABLE)
+    except DisplayError as exc:
+        fix = (
+            "check the screen, its cable and display.device; a TTY needs the unit's drop-in"
+            " (DeviceAllow= and SupplementaryGroups=tty, deploy/README.md)"
+        )
+        return CheckResult("display", Status.FAIL, str(exc), fix, "display")
+    finally:
+        display.close()
+    return CheckResult("display", Status.PASS, f"{where}: showed {shown.text!r}", "", "display")
 
 
 # --- actuator and bin sensor -----------------------------------------------------------------------

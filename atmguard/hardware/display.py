@@ -94,6 +94,22 @@ class Display(Device):
                 self._close()
             self._closed = True
 
+    @property
+    def is_open(self) -> bool:
+        return self._opened and not self._closed
+
+    def reopen(self) -> None:
+        """Release the output and acquire it again: after a failed write (a screen unplugged and
+        plugged back, a device node re-created by udev)."""
+        with self._lock:
+            if self._closed:
+                raise DisplayError("display is closed")
+            if self._opened:
+                self._opened = False
+                self._close()
+            self._open()
+            self._opened = True
+
     def show(self, prompt: Prompt, *, pin_digits: int = 0, detail: str = "") -> Shown:
         """Replace what is on screen with ``prompt``; returns what was shown."""
         shown = Shown(prompt, render(prompt, pin_digits=pin_digits, detail=detail), self._clock())
@@ -130,15 +146,24 @@ class TerminalDisplay(Display):
         if self._device == "-":
             self._stream = sys.stdout
             return
+        # O_NOCTTY: the daemon leads its own session under systemd, and a TTY it opened could become
+        # its controlling terminal (a hang-up there would signal it); Linux no longer does that for
+        # a write-only open, so this is only the customary guard. O_NONBLOCK: a screen that stops
+        # reading (flow control, a stuck USB adapter) fails the write instead of hanging the session.
+        flags = os.O_WRONLY | os.O_APPEND | os.O_NOCTTY | os.O_NONBLOCK | os.O_CLOEXEC
         try:
-            self._stream = open(self._device, "w", encoding="utf-8")  # noqa: SIM115 - held until close()
+            fd = os.open(self._device, flags)
         except OSError as exc:
             raise DisplayError(f"cannot open display device {self._device}: {exc.strerror or exc}") from exc
+        self._stream = os.fdopen(fd, "w", encoding="utf-8")
 
     def _close(self) -> None:
-        if self._stream is not None and self._stream is not sys.stdout:
-            self._stream.close()
-        self._stream = None
+        stream, self._stream = self._stream, None
+        if stream is not None and stream is not sys.stdout:
+            try:
+                stream.close()
+            except OSError as exc:  # the unflushed text of a dead screen: nothing left to save
+                logger.warning("display: closing %s: %s", self._device, exc.strerror or exc)
 
     def _write(self, shown: Shown) -> None:
         assert self._stream is not None

@@ -306,6 +306,7 @@ class SimRig:
         }
         for section, values in self.overrides.items():
             sections.setdefault(section, {}).update(values)
+        self.display_path.touch()  # the terminal display writes to a device; it never creates one
         self.config_path.write_text(toml_text(sections))
         return self.config_path
 

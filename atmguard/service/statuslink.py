@@ -252,12 +252,16 @@ def _actuator_health(sources: StatusSources, faults: Mapping[str, str]) -> dict[
     }
 
 
-def _display_health(sources: StatusSources) -> dict[str, Any]:
+def _display_health(sources: StatusSources, faults: Mapping[str, str]) -> dict[str, Any]:
     settings = sources.settings
+    display = sources.hardware.get("display")
+    # The machine's fault (raised by the controller's failed write) until the fault event is in.
+    fault = faults.get("display") or getattr(sources.controller, "display_fault", None)
+    is_open = bool(getattr(display, "is_open", False))
     return {
         "backend": settings.display.backend,
-        "ok": None,  # the display reports no health: a failed write is logged by the controller
-        "detail": "no health signal (failed writes are logged)",
+        "ok": fault is None and is_open,
+        "detail": fault or ("last prompt written" if is_open else "not open"),
         "device": settings.display.device if settings.display.backend == "terminal" else "",
     }
 
@@ -331,7 +335,7 @@ def gather_status(sources: StatusSources, outbox: Callable[[], dict[str, Any]]) 
         "card_reader": _card_reader_health(sources, faults),
         "keypad": _keypad_health(sources, faults),
         "actuator": _actuator_health(sources, faults),
-        "display": _display_health(sources),
+        "display": _display_health(sources, faults),
     }
     return {
         "v": PROTOCOL_VERSION,

@@ -24,7 +24,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from atmguard.errors import AtmguardError
+from atmguard.errors import AtmguardError, DisplayError
 from atmguard.hardware.actuator import Actuator
 from atmguard.hardware.card import base as card_base
 from atmguard.hardware.card.base import CardReader
@@ -58,6 +58,8 @@ CARD_POLL_S = 0.2
 LATENCY_HISTORY = 1000
 """Decision latencies kept for the bench (bounded: the daemon runs for months)."""
 READER_RETRY_S = 1.0
+DISPLAY_RETRY_S = 2.0
+"""How often a failed display is reopened to see whether it is back."""
 _INVALID_CARD_REASONS = frozenset({"bad_pan", "luhn", "bad_format", "bad_expiry", "bad_service_code"})
 
 
@@ -142,6 +144,9 @@ class Controller:
         self._bank_worker = ThreadPoolExecutor(1, thread_name_prefix="atmguard-bank")
         self._mechanics_worker = ThreadPoolExecutor(1, thread_name_prefix="atmguard-mechanics")
         self._reader_fault = False
+        self._display_fault: str | None = None
+        self._display_retry_at_s = 0.0
+        self._last_show: act.Show | None = None
         self.decision_latencies_s: deque[float] = deque(maxlen=LATENCY_HISTORY)
         """Seconds from the last input a decision needed to the decision's Publish (for make bench)."""
 
@@ -162,6 +167,11 @@ class Controller:
     @property
     def state(self) -> SessionState | None:
         return self._state
+
+    @property
+    def display_fault(self) -> str | None:
+        """Why the last write to the customer display failed, until a retry succeeds."""
+        return self._display_fault
 
     # --- the loop -------------------------------------------------------------------------------
 
@@ -204,8 +214,24 @@ class Controller:
         if self._pin_accepting and self._pin.check_timeout(now) is not None:
             self._pin_accepting = False
             events.append(ev.PinEntryTimedOut())
+        if self._display_fault is not None and now >= self._display_retry_at_s:
+            events.extend(self._retry_display(now))
         events.append(ev.Tick())
         return events
+
+    def _retry_display(self, now: float) -> list[ev.Event]:
+        """Reopen the display and put the latest prompt back; cleared when that works."""
+        try:
+            self._display.reopen()
+            if self._last_show is not None:
+                self._write_prompt(self._last_show, session_id=None)
+        except DisplayError as exc:
+            self._display_retry_at_s = now + DISPLAY_RETRY_S
+            logger.debug("display still failing: %s", exc)
+            return []
+        logger.info("display recovered")
+        self._display_fault = None
+        return [ev.FaultCleared(ev.Component.DISPLAY)]
 
     def _feed(self, events: list[ev.Event], now: float, *, received_s: float) -> None:
         for event in events:
@@ -378,6 +404,20 @@ class Controller:
             logger.error("unknown action %s ignored", type(action).__name__)
 
     def _show(self, action: act.Show, *, session_id: str | None) -> None:
+        self._last_show = action
+        if self._display_fault is not None:
+            return  # a dead screen: the tick retries it and puts this prompt up when it is back
+        try:
+            self._write_prompt(action, session_id=session_id)
+        except DisplayError as exc:
+            # Fail closed: a customer who cannot be told to uncover or to take the card cannot be
+            # served. Out of service (the machine ends a running session) until the retry works.
+            self._display_fault = str(exc)
+            self._display_retry_at_s = self._clock() + DISPLAY_RETRY_S
+            logger.error("display failed: %s", exc)
+            self.post(ev.FaultRaised(ev.Component.DISPLAY, f"display: {exc}"))
+
+    def _write_prompt(self, action: act.Show, *, session_id: str | None) -> None:
         shown = self._display.show(action.prompt, pin_digits=action.pin_digits, detail=action.detail)
         # The text holds only asterisks for the PIN: safe to journal.
         self._record(

@@ -32,6 +32,7 @@ class Component(enum.Enum):
     CARD_READER = "card_reader"
     KEYPAD = "keypad"
     JOURNAL = "journal"
+    DISPLAY = "display"  # the customer cannot be told what to do: no session can be run
 
 
 class SnapshotKind(enum.Enum):
