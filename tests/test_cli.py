@@ -5,6 +5,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 EXAMPLE = Path(__file__).resolve().parents[1] / "deploy" / "atmguard.example.toml"
 
 
@@ -52,3 +54,33 @@ def test_no_command_prints_usage():
     result = _atmguard()
     assert result.returncode == 64
     assert "check-config" in result.stdout
+
+
+def test_report_failures_turns_listed_errors_into_one_stderr_line_and_their_exit_code(capsys):
+    from atmguard.cli.common import CommandFailed, report_failures
+    from atmguard.errors import HardwareError, KeypadError
+
+    def raising(exc: BaseException):
+        def call() -> int:
+            raise exc
+
+        return call
+
+    errors = [
+        (KeypadError, 75, ""),
+        (HardwareError, 77, "hardware: "),
+        (KeyboardInterrupt, 130, "interrupted"),
+    ]
+    assert report_failures("atmguard x", lambda: 0, errors) == 0
+    assert report_failures("atmguard x", raising(CommandFailed(66, "no such dir")), errors) == 66
+    assert report_failures("atmguard x", raising(KeypadError("scan stopped")), errors) == 75  # first match
+    assert report_failures("atmguard x", raising(HardwareError("gone")), errors) == 77
+    assert report_failures("atmguard x", raising(KeyboardInterrupt()), errors) == 130
+    assert capsys.readouterr().err.splitlines() == [
+        "atmguard x: no such dir",
+        "atmguard x: scan stopped",
+        "atmguard x: hardware: gone",
+        "atmguard x: interrupted",
+    ]
+    with pytest.raises(ValueError, match="not listed"):
+        report_failures("atmguard x", raising(ValueError("not listed")), errors)

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import argparse
 import os
+import sys
+from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
@@ -28,6 +30,28 @@ class CommandFailed(Exception):
     def __init__(self, exit_code: int, message: str) -> None:
         super().__init__(message)
         self.exit_code = exit_code
+
+
+ErrorExit = tuple[type[BaseException] | tuple[type[BaseException], ...], int, str]
+"""An exception kind, the exit code it becomes, and text put before its message."""
+
+
+def report_failures(prefix: str, call: Callable[[], int], errors: Sequence[ErrorExit] = ()) -> int:
+    """``call()``'s exit code. A :class:`CommandFailed`, or an exception of a kind in ``errors``
+    (the first that matches, as in ``except`` clauses), becomes one ``prefix: message`` line on
+    stderr and its exit code; anything else propagates."""
+    try:
+        return call()
+    except CommandFailed as exc:
+        message, code = str(exc), exc.exit_code
+    except BaseException as exc:
+        match = next(((code, lead) for kinds, code, lead in errors if isinstance(exc, kinds)), None)
+        if match is None:
+            raise
+        code, lead = match
+        message = lead + str(exc)
+    print(f"{prefix}: {message}", file=sys.stderr)
+    return code
 
 
 def config_is_explicit(args: argparse.Namespace) -> bool:

@@ -8,7 +8,6 @@ never from the command line. Nothing heavy is imported until a handler runs.
 from __future__ import annotations
 
 import argparse
-import sys
 from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -22,6 +21,7 @@ from atmguard.cli.common import (
     EX_USAGE,
     CommandFailed,
     command_settings,
+    report_failures,
 )
 
 if TYPE_CHECKING:
@@ -120,23 +120,22 @@ def _run(body: Handler) -> Handler:
         from atmguard.store.credentials import CredentialError
         from atmguard.store.migrate import MigrationError
 
-        try:
+        def call() -> int:
             try:
                 return body(args)
             except pymysql.err.MySQLError as exc:
                 raise classify_error(exc, where="server") from None
-        except CommandFailed as exc:
-            message, code = str(exc), exc.exit_code
-        except ConfigError as exc:
-            message, code = str(exc), EX_CONFIG
-        except (CredentialError, CentralAccessDeniedError) as exc:
-            message, code = str(exc), EX_NOPERM
-        except MigrationError as exc:
-            message, code = str(exc), EX_DATAERR
-        except CentralError as exc:
-            message, code = str(exc), EX_UNAVAILABLE
-        print(f"atmguard db {args.db_command}: {message}", file=sys.stderr)
-        return code
+
+        return report_failures(
+            f"atmguard db {args.db_command}",
+            call,
+            [
+                (ConfigError, EX_CONFIG, ""),
+                ((CredentialError, CentralAccessDeniedError), EX_NOPERM, ""),
+                (MigrationError, EX_DATAERR, ""),
+                (CentralError, EX_UNAVAILABLE, ""),
+            ],
+        )
 
     return handler
 

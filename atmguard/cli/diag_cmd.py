@@ -27,6 +27,7 @@ from atmguard.cli.common import (
     EX_UNAVAILABLE,
     CommandFailed,
     config_is_explicit,
+    report_failures,
 )
 
 if TYPE_CHECKING:
@@ -114,20 +115,16 @@ def _handler(body: Handler) -> Handler:
         from atmguard.errors import ConfigError
         from atmguard.hardware.ownership import HardwareBusyError, HardwareLockError
 
-        try:
-            return body(args)
-        except CommandFailed as exc:
-            message, code = str(exc), exc.exit_code
-        except HardwareBusyError as exc:
-            message, code = str(exc), EX_TEMPFAIL
-        except HardwareLockError as exc:
-            message, code = str(exc), EX_NOPERM
-        except ConfigError as exc:
-            message, code = str(exc), EX_CONFIG
-        except KeyboardInterrupt:
-            message, code = "interrupted", 130
-        print(f"atmguard {args.command}: {message}", file=sys.stderr)
-        return code
+        return report_failures(
+            f"atmguard {args.command}",
+            lambda: body(args),
+            [
+                (HardwareBusyError, EX_TEMPFAIL, ""),
+                (HardwareLockError, EX_NOPERM, ""),
+                (ConfigError, EX_CONFIG, ""),
+                (KeyboardInterrupt, 130, "interrupted"),
+            ],
+        )
 
     return handler
 

@@ -31,6 +31,7 @@ from atmguard.cli.common import (
     EX_UNAVAILABLE,
     EX_USAGE,
     CommandFailed,
+    report_failures,
 )
 from atmguard.cli.db_cmd import add_admin_options
 from atmguard.cli.model_cmd import add_models_dir_option
@@ -101,30 +102,26 @@ def _run(args: argparse.Namespace) -> int:
     from atmguard.store.enrolment import AccountClosedError, AccountNotFoundError, ConsentRequiredError
     from atmguard.vision.runtime import ModelError
 
-    try:
+    def call() -> int:
         try:
             return _enroll(args)
         except pymysql.err.MySQLError as exc:
             raise classify_error(exc, where="central") from None
-    except CommandFailed as exc:
-        message, code = str(exc), exc.exit_code
-    except ConfigError as exc:
-        message, code = str(exc), EX_CONFIG
-    except (CredentialError, CentralAccessDeniedError) as exc:
-        message, code = str(exc), EX_NOPERM
-    except CentralError as exc:
-        message, code = f"central database unavailable: {exc}", EX_UNAVAILABLE
-    except ModelError as exc:
-        message, code = str(exc), EX_UNAVAILABLE
-    # The account changed between the lookup and the store (closed or removed by someone else).
-    except AccountNotFoundError as exc:
-        message, code = str(exc), EX_NOUSER
-    except AccountClosedError as exc:
-        message, code = str(exc), EX_DATAERR
-    except ConsentRequiredError as exc:
-        message, code = str(exc), EX_USAGE
-    print(f"atmguard enroll: {message}", file=sys.stderr)
-    return code
+
+    return report_failures(
+        "atmguard enroll",
+        call,
+        [
+            (ConfigError, EX_CONFIG, ""),
+            ((CredentialError, CentralAccessDeniedError), EX_NOPERM, ""),
+            (CentralError, EX_UNAVAILABLE, "central database unavailable: "),
+            (ModelError, EX_UNAVAILABLE, ""),
+            # The account changed between the lookup and the store (closed or removed by someone else).
+            (AccountNotFoundError, EX_NOUSER, ""),
+            (AccountClosedError, EX_DATAERR, ""),
+            (ConsentRequiredError, EX_USAGE, ""),
+        ],
+    )
 
 
 def _check_usage(args: argparse.Namespace) -> None:

@@ -25,6 +25,7 @@ from atmguard.cli.common import (
     EX_USAGE,
     CommandFailed,
     command_settings,
+    report_failures,
 )
 
 if TYPE_CHECKING:
@@ -106,14 +107,7 @@ def _add_state_dir(parser: argparse.ArgumentParser) -> None:
 def _run(args: argparse.Namespace, body: Handler) -> int:
     from atmguard.errors import ConfigError
 
-    try:
-        return body(args)
-    except CommandFailed as exc:
-        print(f"atmguard: {exc}", file=sys.stderr)
-        return exc.exit_code
-    except ConfigError as exc:
-        print(f"atmguard: {exc}", file=sys.stderr)
-        return EX_CONFIG
+    return report_failures("atmguard", lambda: body(args), [(ConfigError, EX_CONFIG, "")])
 
 
 def _journal_path(args: argparse.Namespace) -> Path:

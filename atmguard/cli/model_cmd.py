@@ -21,6 +21,7 @@ from atmguard.cli.common import (
     CommandFailed,
     command_settings,
     config_is_explicit,
+    report_failures,
 )
 from atmguard.cli.progress import Progress
 
@@ -246,11 +247,7 @@ def _detect(args: argparse.Namespace) -> int:
 
 
 def _eval(args: argparse.Namespace) -> int:
-    try:
-        return _run_eval(args)
-    except CommandFailed as exc:
-        print(f"atmguard model eval: {exc}", file=sys.stderr)
-        return exc.exit_code
+    return report_failures("atmguard model eval", lambda: _run_eval(args))
 
 
 def _run_eval(args: argparse.Namespace) -> int:
@@ -330,11 +327,7 @@ def format_table(result: dict[str, Any]) -> str:
 
 
 def _eval_identity(args: argparse.Namespace) -> int:
-    try:
-        return _run_eval_identity(args)
-    except CommandFailed as exc:
-        print(f"atmguard model eval-identity: {exc}", file=sys.stderr)
-        return exc.exit_code
+    return report_failures("atmguard model eval-identity", lambda: _run_eval_identity(args))
 
 
 def _run_eval_identity(args: argparse.Namespace) -> int:

@@ -29,6 +29,7 @@ from atmguard.cli.common import (
     EX_UNAVAILABLE,
     CommandFailed,
     command_settings,
+    report_failures,
 )
 
 if TYPE_CHECKING:
@@ -102,18 +103,11 @@ def _handler(body: Handler) -> Handler:
         from atmguard.store.credentials import CredentialError
         from atmguard.store.journal import JournalError
 
-        try:
-            return body(args)
-        except CommandFailed as exc:
-            message, code = str(exc), exc.exit_code
-        except ConfigError as exc:
-            message, code = str(exc), EX_CONFIG
-        except CredentialError as exc:
-            message, code = str(exc), EX_NOPERM
-        except JournalError as exc:
-            message, code = str(exc), EX_IOERR
-        print(f"atmguard {args.command}: {message}", file=sys.stderr)
-        return code
+        return report_failures(
+            f"atmguard {args.command}",
+            lambda: body(args),
+            [(ConfigError, EX_CONFIG, ""), (CredentialError, EX_NOPERM, ""), (JournalError, EX_IOERR, "")],
+        )
 
     return handler
 
