@@ -26,7 +26,13 @@ from atmguard.cli.main import main
 from atmguard.config import settings_from_mapping
 from atmguard.diag.hardware_checks import check_display
 from atmguard.diag.model import Check, CheckResult, Status, run_check
-from atmguard.diag.system_checks import ATM_PROCEDURES, check_central, check_clock, expected_schema_version
+from atmguard.diag.system_checks import (
+    ATM_PROCEDURES,
+    check_central,
+    check_clock,
+    check_disk,
+    expected_schema_version,
+)
 from atmguard.hardware.card.emulator import CardReaderEmulator
 from atmguard.hardware.ownership import DAEMON_PURPOSE, HardwareLock, is_held
 from atmguard.store.journal import JOURNAL_FILENAME, Journal
@@ -202,22 +208,26 @@ def test_a_broken_journal_chain_fails(
     assert "do not delete" in row["fix"]
 
 
-def test_a_disk_above_the_watermark_fails(
-    tmp_path: Path, scenes: Path, capsys: pytest.CaptureFixture[str]
-) -> None:
-    usage = shutil.disk_usage(tmp_path)
-    used_percent = 100.0 * (usage.total - usage.free) / usage.total
-    if used_percent < 51:
-        pytest.skip(
-            f"the test file system is only {used_percent:.0f}% used; the watermark cannot go below 50%"
-        )
-    sections = sim_sections(tmp_path, scenes, journal={"disk_high_watermark_percent": 50.0})
-    config = write_toml(tmp_path / "atmguard.toml", sections)
+def test_a_disk_above_the_watermark_fails_and_one_close_to_it_warns(tmp_path: Path) -> None:
+    # The file system's figures are given: a test cannot fill the disk it runs on to 50%.
+    settings = settings_from_mapping(
+        {"paths": {"state_dir": str(tmp_path)}, "journal": {"disk_high_watermark_percent": 50.0}}
+    )
+    gib = 2**30
+    usage_type = type(shutil.disk_usage(tmp_path))
 
-    code, report = run_json(config, capsys)
-    row = rows_by_name(report)["disk"]
-    assert code == 1
-    assert row["status"] == "FAIL" and "above the watermark" in row["measured"] and "50%" in row["measured"]
+    def disk_row(free_gib: float) -> CheckResult:
+        total = 100 * gib
+        return check_disk(
+            settings, disk_usage=lambda _path: usage_type(total, total - free_gib * gib, free_gib * gib)
+        )
+
+    full = disk_row(3)
+    assert full.status is Status.FAIL and "above the watermark" in full.measured and "50%" in full.measured
+    assert "never delete the journal" in full.fix
+    close = disk_row(52)
+    assert close.status is Status.WARN and "close to the watermark" in close.measured
+    assert disk_row(90).status is Status.PASS
 
 
 def test_an_invalid_config_is_reported_with_exit_78(
